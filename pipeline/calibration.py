@@ -1,0 +1,205 @@
+"""Stage 5: row traces (px) -> 12 leads in mV at ``fs``, with per-lead confidence.
+
+* **Time**: column ``x`` of a row is time ``(x - x_start) / (speed * px_per_mm)``; the
+  lead in column ``c`` of a ``k``-column row owns samples ``[c, c+1) * n / k`` (the
+  print convention, :func:`pipeline.leads.segment_span`). Values between pixel columns
+  are linearly interpolated; gaps longer than ``MAX_GAP_S`` stay NaN.
+* **Voltage**: ``(zero_y - y) / (gain * px_per_mm)``, with ``zero_y`` the base of the
+  row's calibration pulse (the printer's 0 mV), or the row's isoelectric line.
+* **Repeated leads** (II on a 3x4+1 page, V1/II/V5 on 3x4+3) are averaged where both
+  printings were read and agree, which halves the noise power there.
+* **Limb-lead consistency**: the six limb leads are two degrees of freedom (Einthoven:
+  III = II - I; Goldberger: aVR, aVL, aVF from I and II). Wherever three or more limb
+  leads were read at the same instant they are projected onto that plane by robust
+  (Huber-weighted) least squares, so independent reading errors partly cancel and a
+  single gross error is not spread onto the others.
+* **Trust**: a lead whose path ran mostly over blank paper is NaN, never a plausible
+  invention; short gaps are interpolated, long ones left NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline.layout import PageLayout
+from pipeline.leads import LEAD_INDEX, LEADS
+from pipeline.traces import RowTrace
+
+MAX_GAP_S = 0.04
+"""Gaps in a trace up to this long are interpolated; longer ones stay NaN."""
+MIN_COVERAGE = 0.7
+"""A lead is NaN when less than this share of its span was read from ink."""
+MIN_CONFIDENCE = 0.35
+HUBER_MV = 0.08
+"""Residual (mV) beyond which a limb lead's reading is down-weighted."""
+AGREE_MV = 0.12
+"""Two printings of a lead are averaged only if they differ by less than this (RMS)."""
+LIMB_BASIS: dict[str, tuple[float, float]] = {
+    "I": (1.0, 0.0), "II": (0.0, 1.0), "III": (-1.0, 1.0),
+    "aVR": (-0.5, -0.5), "aVL": (1.0, -0.5), "aVF": (-0.5, 1.0),
+}
+"""Each limb lead as a combination of leads I and II."""
+
+
+@dataclass
+class LeadSignals:
+    """Calibrated leads and how much each can be trusted."""
+
+    signals: np.ndarray  # (n, 12) mV, NaN where not printed or not trusted
+    confidence: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _fill_gaps(y: np.ndarray, max_gap: int) -> np.ndarray:
+    """Linearly fill NaN runs of at most ``max_gap`` samples between finite values."""
+    y = y.copy()
+    ok = np.isfinite(y)
+    if ok.sum() < 2:
+        return y
+    idx = np.arange(y.shape[0])
+    filled = np.interp(idx, idx[ok], y[ok])
+    d = np.diff(np.concatenate(([1], ok.astype(np.int8), [1])))
+    for a, b in zip(np.flatnonzero(d == -1), np.flatnonzero(d == 1), strict=True):
+        if a > 0 and b < y.shape[0] and b - a <= max_gap:
+            y[a:b] = filled[a:b]
+    return y
+
+
+def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """The row's y (px) and confidence at every output sample time (NaN off the trace).
+
+    Each of the row's ``k`` leads is read from its own stretch only: the columns within
+    a pen width of a lead boundary hold the separator tick and the jump between leads,
+    so a lead's first and last samples take the nearest reading inside its stretch.
+    """
+    t = np.arange(n) / fs
+    xq = layout.x_start + t * layout.px_per_s
+    yq = np.full(n, np.nan)
+    guard = trace.thickness + 0.25 * layout.px_per_mm
+    for c in range(k):
+        i0, i1 = round(c * n / k), round((c + 1) * n / k)
+        xa = layout.x_start + i0 / fs * layout.px_per_s
+        xb = layout.x_start + i1 / fs * layout.px_per_s
+        lo = xa + (guard if c > 0 else -guard)
+        hi = xb - (guard if c < k - 1 else -guard)
+        sel = (trace.x >= lo) & (trace.x <= hi)
+        if sel.sum() < 2:
+            continue
+        xs, ys = trace.x[sel], trace.y[sel]
+        q = xq[i0:i1]
+        inside = (q >= xs[0] - guard - 1) & (q <= xs[-1] + guard + 1)
+        yq[i0:i1] = np.where(inside, np.interp(q, xs, ys), np.nan)
+    col = np.clip(np.round(xq - trace.x0).astype(np.int64), 0, trace.col_ok.shape[0] - 1)
+    # samples in a long run of columns without ink are not read, whatever interp says
+    blank = ~trace.col_ok
+    if blank.any():
+        d = np.diff(np.concatenate(([0], blank.astype(np.int8), [0])))
+        long_gap = np.zeros(blank.shape[0], bool)
+        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+            if b - a > MAX_GAP_S * layout.px_per_s:
+                long_gap[a:b] = True
+        yq[long_gap[col]] = np.nan
+    return yq, trace.col_conf[col]
+
+
+def _limb_projection(sig: np.ndarray) -> np.ndarray:
+    """Robust least-squares projection of the limb leads onto the (I, II) plane."""
+    names = list(LIMB_BASIS)
+    cols = [LEAD_INDEX[k] for k in names]
+    m = sig[:, cols]  # (n, 6)
+    avail = np.isfinite(m)
+    rows = avail.sum(axis=1) >= 3
+    if not rows.any():
+        return sig
+    basis = np.array([LIMB_BASIS[k] for k in names])  # (6, 2)
+    out = sig.copy()
+    # each pattern of available leads is one block (3x4 columns, whole 6x2/12x1 pages)
+    patterns, inverse = np.unique(avail[rows], axis=0, return_inverse=True)
+    row_idx = np.flatnonzero(rows)
+    for p_i, pattern in enumerate(patterns):
+        sel = row_idx[inverse.ravel() == p_i]
+        a = basis[pattern]  # (k, 2)
+        x = m[np.ix_(sel, np.flatnonzero(pattern))]  # (s, k)
+        # offsets are each lead's own; fit the zero-mean parts
+        off = np.median(x, axis=0)
+        xc = x - off
+        w = np.ones_like(xc)
+        fit = xc
+        for _ in range(3):
+            # weighted LS per sample: solve (A^T W A) v = A^T W x
+            ata = np.einsum("sk,ki,kj->sij", w, a, a)
+            atx = np.einsum("sk,ki,sk->si", w, a, xc)
+            det = ata[:, 0, 0] * ata[:, 1, 1] - ata[:, 0, 1] * ata[:, 1, 0]
+            ok = np.abs(det) > 1e-9
+            inv = np.zeros_like(ata)
+            inv[ok, 0, 0] = ata[ok, 1, 1] / det[ok]
+            inv[ok, 1, 1] = ata[ok, 0, 0] / det[ok]
+            inv[ok, 0, 1] = -ata[ok, 0, 1] / det[ok]
+            inv[ok, 1, 0] = -ata[ok, 1, 0] / det[ok]
+            v = np.einsum("sij,sj->si", inv, atx)
+            fit = v @ a.T
+            r = np.abs(xc - fit)
+            w = np.where(r <= HUBER_MV, 1.0, HUBER_MV / np.maximum(r, 1e-9))
+        # a lead whose residual is gross keeps its own reading there
+        keep = np.abs(xc - fit) > 3 * HUBER_MV
+        res = np.where(keep, xc, fit) + off
+        cols_avail = [cols[j] for j in np.flatnonzero(pattern)]
+        out[np.ix_(sel, cols_avail)] = res
+    return out
+
+
+def to_signals(layout: PageLayout, traces: list[RowTrace], fs: float,
+               consistency: bool = True) -> LeadSignals:
+    """Assemble the 12 leads from the row traces."""
+    n = round(layout.seconds * fs)
+    warnings: list[str] = []
+    readings: dict[str, list[tuple[np.ndarray, float]]] = {k: [] for k in LEADS}
+    gap = round(MAX_GAP_S * fs)
+    for trace, row in zip(traces, layout.rows, strict=True):
+        yq, cq = _sample_row(trace, layout, n, fs, len(row.leads))
+        mv = (row.zero - yq) / layout.px_per_mv
+        k = len(row.leads)
+        for c, lead in enumerate(row.leads):
+            i0, i1 = round(c * n / k), round((c + 1) * n / k)
+            seg = np.full(n, np.nan)
+            seg[i0:i1] = _fill_gaps(mv[i0:i1], gap)
+            got = np.isfinite(seg[i0:i1])
+            coverage = float(got.mean()) if i1 > i0 else 0.0
+            conf = float(np.mean(cq[i0:i1])) if i1 > i0 else 0.0
+            score = coverage * conf
+            if coverage < MIN_COVERAGE or conf < MIN_CONFIDENCE:
+                warnings.append(f"lead {lead} (row {row.index + 1}) not readable")
+                continue
+            readings[lead].append((seg, score))
+    sig = np.full((n, 12), np.nan)
+    confidence: dict[str, float] = {}
+    for lead, reads in readings.items():
+        j = LEAD_INDEX[lead]
+        if not reads:
+            confidence[lead] = 0.0
+            continue
+        reads.sort(key=lambda r: -np.isfinite(r[0]).sum())
+        base, score = reads[0]
+        out = base.copy()
+        for other, s2 in reads[1:]:
+            both = np.isfinite(out) & np.isfinite(other)
+            if both.sum() < fs * 0.2:
+                out = np.where(np.isfinite(out), out, other)
+                continue
+            diff = out[both] - other[both]
+            diff = diff - np.median(diff)
+            if float(np.sqrt(np.mean(diff**2))) < AGREE_MV:
+                shift = float(np.median(out[both] - other[both]))
+                out[both] = 0.5 * (out[both] + other[both] + shift)
+            elif s2 > score:
+                out[both] = other[both]
+            out = np.where(np.isfinite(out), out, other)
+        sig[:, j] = out
+        confidence[lead] = round(min(1.0, max(score, *(s for _, s in reads))), 3)
+    if consistency:
+        sig = _limb_projection(sig)
+    return LeadSignals(sig, confidence, warnings)

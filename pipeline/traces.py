@@ -1,0 +1,607 @@
+"""Stage 4: separate the trace ink from the grid and follow each row's trace.
+
+The seam between engines is the **trace-probability map**: an (H, W) float32 array in
+[0, 1] over the rectified page saying how likely each pixel is printed trace ink. The
+classic engine computes it from colour and morphology (:func:`ink_probability`); a
+learned engine (``pipeline.models``) predicts it with a network. Everything downstream
+(rows, pulses, the path search, sub-pixel centres, calibration) reads only this map, so
+an engine swaps in by handing its own map to the same calls::
+
+    prob = model.predict(rect.image, rect.px_per_mm)      # or ink_probability(...)
+    page = layout.detect_layout(prob, ppm, trace_thickness(prob, ppm))
+    rows = extract(prob, page.row_specs(), ppm)            # list[RowTrace]
+
+Each row's trace is found by a global path search (Viterbi over columns, all rows in
+one pass). A step from column ``x-1`` at height ``y1`` to column ``x`` at ``y2`` costs
+the *non-ink* along the vertical run ``(y1, y2]`` of column ``x`` plus a small
+``SLOPE_COST`` per pixel, so a steep QRS stroke that is inked all the way is cheap, a
+jump across blank paper is dear, and a thin diagonal line costs nothing. The minimum over
+all ``y1`` of that run cost is a 1-D distance transform, computed in O(H) per column with
+two running minima. Bands reach to the neighbour rows' baselines so a tall R wave is
+followed; a first pass with half-way bands tells each row which ink its neighbours own.
+
+The path only picks which ink run of each column is the row's. The centre line is then
+read with sub-pixel precision: a column's run centroid on gentle stretches (the centre
+line for any slope), and, on QRS complexes, row by row across each stroke between tips,
+with tips at the extreme edge moved in by half the pen (see :func:`_steep_points`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy.ndimage import maximum_filter1d
+
+from pipeline.errors import DigitizationError
+
+INK_LEVEL = 0.5
+INK_LO, INK_HI = 0.2, 0.55
+"""Darkness, as shares of the page's ink darkness, mapped to probability 0 and 1."""
+RUN_LEVEL = 0.2
+"""Weaker ink that still extends a run the path touches (thin, faint QRS strokes)."""
+"""Probability above which a pixel counts as ink for runs and extents."""
+SLOPE_COST = 0.004
+"""Cost per pixel of vertical movement, on top of the non-ink along the run."""
+BASELINE_PULL = 0.15
+"""Cost per column for lying a whole row pitch away from the row's baseline."""
+OTHER_ROW_COST = 0.85
+PAD_COST = 1e3
+"""Cost of the padding rows when bands of different heights are stacked."""
+"""Ink explained by a neighbour row's path is treated as this much non-ink."""
+GRID_PERCENTILE = 20.0
+"""Row/column percentile taken as grid (not ink) darkness; a trace covers far less."""
+OPEN_MIN_PEN_PX = 3.0
+GRID_LEFT_SHARE = 0.1
+"""More of the page than this reading as ink means grid remnants (a fax-like scan)."""
+"""Pen width (px) from which one-pixel grid remnants are opened away."""
+GRID_WINDOW_MM = 3.0
+"""Length of the stretches of a grid line whose darkness is read at once."""
+PERIODIC_PERCENTILE = 30.0
+GRID_PERIOD_MM = 5.0
+"""Major grid pitch: the line pattern repeats with it."""
+
+
+@dataclass
+class RowTrace:
+    """The trace of one printed row on the rectified page.
+
+    ``x``/``y`` are points of the trace's centre line in time order (``x`` increasing,
+    sub-pixel, rectified px): one per column on gentle stretches, one per pixel row on
+    steep QRS strokes. Per column from ``x0``: ``col_ok`` (the column holds this row's
+    ink), ``col_conf`` (mean ink probability along the path), ``lo``/``hi`` (the ink run
+    taken as this row's), ``path`` (the Viterbi path). ``thickness`` is the pen width (px).
+    """
+
+    row: int
+    x0: int
+    x: np.ndarray
+    y: np.ndarray
+    col_ok: np.ndarray
+    col_conf: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    path: np.ndarray
+    thickness: float
+
+    @property
+    def columns(self) -> np.ndarray:
+        return self.x0 + np.arange(self.col_ok.shape[0])
+
+
+def _periodic_floor(profile: np.ndarray, period: float, reach: int = 6) -> np.ndarray:
+    """Low percentile of ``profile`` (n, m), along axis 0, over the same grid phase
+    ``-reach..reach`` periods away.
+
+    Grid lines repeat every 5 mm, so every sample at a line's phase shows the line; a
+    flat trace, a pulse stroke or a QRS falls on a few of them only and drops out. A local
+    window (13 periods) tolerates a slight error in the pitch.
+    """
+    n = profile.shape[0]
+    idx = np.arange(n, dtype=np.float64)
+    samples = []
+    for k in range(-reach, reach + 1):
+        pos = idx + k * period
+        ok = (pos >= 0) & (pos <= n - 1)
+        lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
+        hi = np.clip(lo + 1, 0, n - 1)
+        f = (pos - lo)[:, None]
+        v = (1.0 - f) * profile[lo] + f * profile[hi]
+        v[~ok] = np.nan
+        samples.append(v)
+    stack = np.sort(np.stack(samples), axis=0)  # NaN (off the page) sort last
+    count = np.isfinite(stack).sum(axis=0)
+    k = np.floor(PERIODIC_PERCENTILE / 100.0 * (np.maximum(count, 1) - 1)).astype(np.int64)
+    low = np.take_along_axis(stack, k[None], axis=0)[0]
+    return np.where(count > 0, low, profile)
+
+
+def _window_percentile(d: np.ndarray, win: int, q: float) -> np.ndarray:
+    """Percentile ``q`` of each row of ``d`` over windows of ``win`` columns -> (H, W//win)."""
+    h, w = d.shape
+    n = max(1, w // win)
+    blocks = d[:, : n * win].reshape(h, n, win)
+    k = round(q / 100.0 * (win - 1))
+    return np.partition(blocks, k, axis=2)[:, :, k]
+
+
+def _line_darkness(d: np.ndarray, px_per_mm: float) -> np.ndarray:
+    """Darkness (H, W) of the horizontal grid lines: a low percentile along each row in
+    5 mm windows (local, so a slightly curved line still lines up), limited by the same
+    figure one and more 5 mm periods above and below (a flat trace filling a window is
+    not repeated there, a grid line is)."""
+    w = d.shape[1]
+    win = max(8, round(GRID_WINDOW_MM * px_per_mm))
+    # a line that wanders by a pixel over the window still fills the middle row
+    prof = _window_percentile(maximum_filter1d(d, size=3, axis=0), win, GRID_PERCENTILE)
+    per = _periodic_floor(prof, GRID_PERIOD_MM * px_per_mm)
+    prof = np.minimum(prof, per)
+    cols = np.minimum(np.arange(w) // win, prof.shape[1] - 1)
+    return prof[:, cols]
+
+
+def _grid_darkness(d: np.ndarray, px_per_mm: float) -> np.ndarray:
+    """Per-pixel darkness of the axis-aligned grid: the darker of its horizontal and
+    vertical line families, each read by :func:`_line_darkness`."""
+    rows = _line_darkness(d, px_per_mm)
+    cols = _line_darkness(np.ascontiguousarray(d.T), px_per_mm).T
+    return np.maximum(rows, cols)
+
+
+def ink_probability(image_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
+    """Classic trace-probability map (H, W) float32 in [0, 1].
+
+    Light is read in the brightest channel (max of R, G, B), where red, pink, orange and
+    green grid lines are nearly as light as paper but the black or blue-black trace stays
+    dark. Layers of a print multiply their transmittances, so the paper's shading (a
+    median over ~9 mm) and then the grid lines (:func:`_grid_darkness`) are divided out:
+    a trace pixel printed over a grid line keeps its full darkness, the line vanishes.
+    """
+    img = np.asarray(image_rgb)
+    t = img.max(axis=2).astype(np.float32) / 255.0
+    h, w = t.shape
+    f = max(1.0, px_per_mm)
+    small = cv2.resize(t, (max(8, round(w / f)), max(8, round(h / f))),
+                       interpolation=cv2.INTER_AREA)
+    paper = cv2.medianBlur(np.clip(small * 255, 0, 255).astype(np.uint8), 9)
+    paper_t = cv2.resize(paper.astype(np.float32) / 255.0, (w, h),
+                         interpolation=cv2.INTER_LINEAR)
+    t = np.clip(t / np.maximum(paper_t, 0.05), 0.0, 1.0)
+    d = 1.0 - t
+    grid_t = 1.0 - _grid_darkness(d, px_per_mm)
+    d = np.clip(1.0 - t / np.maximum(grid_t, 0.05), 0.0, 1.0)
+    ink_level = float(np.percentile(d, 99.7))
+    if ink_level <= 0.03:
+        return np.zeros_like(d)
+    lo, hi = INK_LO * ink_level, INK_HI * ink_level
+    prob = np.clip((d - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    if (_stroke_widths(prob, px_per_mm, 75.0) >= OPEN_MIN_PEN_PX
+            or float(np.mean(prob > INK_LEVEL)) > GRID_LEFT_SHARE):
+        # a pen this wide survives a 2x2 opening; one-pixel grid remnants do not
+        # (erode towards one corner, dilate back towards the other: an even kernel with
+        # one anchor for both, as MORPH_OPEN does, would shift the map by a pixel)
+        k = np.ones((2, 2), np.uint8)
+        prob = cv2.dilate(cv2.erode(prob, k, anchor=(1, 1)), k, anchor=(0, 0))
+    return prob
+
+
+def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST) -> np.ndarray:
+    """Minimum-cost path through ``cost`` (W, H): one row index per column.
+
+    The cost of moving from ``y1`` at column ``x-1`` to ``y2`` at column ``x`` is the
+    sum of ``cost[x]`` over ``(y1, y2]`` (or ``[y2, y1)`` upward; ``cost[x, y2]`` when
+    staying) plus ``slope_cost * |y2 - y1|``.
+    """
+    return viterbi_paths(cost[None], slope_cost)[0]
+
+
+def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST) -> np.ndarray:
+    """:func:`viterbi_path` for a stack of bands (R, W, H) at once -> (R, W).
+
+    The minimum over all predecessors of the run cost is a distance transform: with
+    ``C'`` the cumulative cost plus the slope term, coming down from ``y1 < y2`` costs
+    ``C'(y2) - C'(y1)`` and going up costs ``(C'(y1) - c(y1)) - (C'(y2) - c(y2))``, so
+    two running minima per column give the best predecessor for every ``y2``.
+    """
+    rr, w, h = cost.shape
+    idx = np.arange(h)
+    inf = np.float32(np.inf)
+    csum = np.cumsum(cost, axis=2, dtype=np.float32) + np.float32(slope_cost) * idx
+    back = np.empty((rr, w, h), dtype=np.int32)
+    back[:, 0] = idx
+    acc = cost[:, 0].astype(np.float32).copy()
+    down = np.empty((rr, h), np.float32)
+    up = np.empty((rr, h), np.float32)
+    di = np.empty((rr, h), np.int64)
+    ui = np.empty((rr, h), np.int64)
+    down[:, 0] = inf
+    up[:, -1] = inf
+    di[:, 0] = 0
+    ui[:, -1] = h - 1
+    for x in range(1, w):
+        c = cost[:, x]
+        cp = csum[:, x]
+        stay = acc + c
+        a = acc - cp
+        am = np.minimum.accumulate(a, axis=1)
+        ai = np.maximum.accumulate(np.where(a <= am, idx, 0), axis=1)
+        down[:, 1:] = am[:, :-1] + cp[:, 1:]
+        di[:, 1:] = ai[:, :-1]
+        b = (acc + cp - c)[:, ::-1]
+        bm = np.minimum.accumulate(b, axis=1)
+        bi = np.maximum.accumulate(np.where(b <= bm, idx, 0), axis=1)
+        up[:, :-1] = bm[:, ::-1][:, 1:] - cp[:, :-1] + c[:, :-1]
+        ui[:, :-1] = (h - 1 - bi[:, ::-1])[:, 1:]
+        choice = np.where(down < stay, di, idx)
+        best = np.minimum(down, stay)
+        choice = np.where(up < best, ui, choice)
+        acc = np.minimum(up, best)
+        back[:, x] = choice
+    paths = np.empty((rr, w), dtype=np.int64)
+    paths[:, -1] = np.argmin(acc, axis=1)
+    rows = np.arange(rr)
+    for x in range(w - 1, 0, -1):
+        paths[:, x - 1] = back[rows, x, paths[:, x]]
+    return paths
+
+
+def _stroke_widths(prob: np.ndarray, px_per_mm: float, q: float) -> float:
+    """Percentile ``q`` of the ink width across near-vertical strokes (px), edges read as
+    :func:`_edges`; 0 when too few strokes are seen."""
+    ink = prob > INK_LEVEL
+    reach = max(4, round(0.6 * px_per_mm))
+    vert = ink.copy()
+    vert[reach:] &= ink[:-reach]
+    vert[:-reach] &= ink[reach:]
+    vert[:reach] = False
+    vert[-reach:] = False
+    ys = np.flatnonzero(vert.any(axis=1))
+    widths = []
+    limit = max(3.0, 1.2 * px_per_mm)
+    for y in ys[:: max(1, ys.size // 400)]:
+        line = ink[y]
+        d = np.diff(np.concatenate(([0], line.astype(np.int8), [0])))
+        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1, strict=True):
+            if not vert[y, a:b + 1].any():
+                continue
+            left, right = _edges(prob[y], int(a), int(b))
+            if right - left <= limit:
+                widths.append(right - left)
+    if len(widths) < 10:
+        return 0.0
+    return float(np.percentile(widths, q))
+
+
+def trace_thickness(prob: np.ndarray, px_per_mm: float) -> float:
+    """Width (px) of the trace's ink across a steep stroke, edges read as :func:`_edges`.
+
+    Measured on horizontal runs through near-vertical strokes (inked well above and
+    below), the same way the steep-stroke reader measures edges, so that "edge moved in
+    by half this width" lands on the centre line whatever the pen and the blur.
+    """
+    w = _stroke_widths(prob, px_per_mm, 50.0)
+    return max(1.0, w) if w > 0 else max(1.0, 0.35 * px_per_mm)
+
+
+def _edges(p: np.ndarray, a: int, b: int) -> tuple[float, float]:
+    """Sub-pixel edges of the ink run ``a..b`` of a line of probabilities ``p``."""
+    return a - 0.5 + (1.0 - float(p[a])), b + 0.5 - (1.0 - float(p[b]))
+
+
+@dataclass
+class _Runs:
+    """Per column of a band: the ink run taken as the row's, its edges and centroid."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    lo_edge: np.ndarray
+    hi_edge: np.ndarray
+    centre: np.ndarray
+    conf: np.ndarray
+    ok: np.ndarray
+
+
+def _column_runs(prob: np.ndarray, ink: np.ndarray, path: np.ndarray) -> _Runs:
+    """The contiguous ink run each column's path segment touches (band coordinates).
+
+    The path only says which ink run of a column is this row's; the whole run is taken,
+    since on a spike the baseline and the tip lie in one run.
+    """
+    w, h = prob.shape
+    cols = np.arange(w)
+    prev = np.concatenate(([path[0]], path[:-1]))
+    a = np.minimum(prev, path) + (prev < path)  # the segment (prev, path] or [path, prev)
+    b = np.maximum(prev, path) - (prev > path)
+    a = np.minimum(a, b)
+    idx = np.arange(h)
+    cum_p = np.concatenate([np.zeros((w, 1), np.float32),
+                            np.cumsum(prob, axis=1, dtype=np.float32)], axis=1)
+    conf = (cum_p[cols, b + 1] - cum_p[cols, a]) / (b - a + 1)
+    nxt = np.minimum.accumulate(np.where(ink, idx, h)[:, ::-1], axis=1)[:, ::-1]
+    first = nxt[cols, a]
+    hit = first <= b
+    seed = np.where(hit, first, -1)
+    up1 = np.clip(path - 1, 0, h - 1)
+    dn1 = np.clip(path + 1, 0, h - 1)
+    near_up = ~hit & (path - 1 >= 0) & ink[cols, up1]
+    near_dn = ~hit & ~near_up & (path + 1 < h) & ink[cols, dn1]
+    seed = np.where(near_up, up1, np.where(near_dn, dn1, seed))
+    ok = seed >= 0
+    seed = np.maximum(seed, 0)
+    # a run starts after the last blank pixel above and ends before the next one below
+    start = np.maximum.accumulate(np.where(~ink, idx + 1, 0), axis=1)
+    stop = np.minimum.accumulate(np.where(~ink, idx - 1, h - 1)[:, ::-1], axis=1)[:, ::-1]
+    lo = np.where(ok, start[cols, seed], 0)
+    hi = np.where(ok, stop[cols, seed], 0)
+    cum_py = np.concatenate([np.zeros((w, 1), np.float32),
+                             np.cumsum(prob * idx, axis=1, dtype=np.float32)], axis=1)
+    mass = cum_p[cols, hi + 1] - cum_p[cols, lo]
+    moment = cum_py[cols, hi + 1] - cum_py[cols, lo]
+    centre = np.where(ok, moment / np.maximum(mass, 1e-6), np.nan)
+    lo_edge = lo - 0.5 + (1.0 - prob[cols, lo])  # partial cover of edge pixels
+    hi_edge = hi + 0.5 - (1.0 - prob[cols, hi])
+    return _Runs(lo.astype(np.int64), hi.astype(np.int64), lo_edge.astype(np.float64),
+                 hi_edge.astype(np.float64), centre.astype(np.float64),
+                 conf.astype(np.float64), ok)
+
+
+def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray]:
+    """Columns holding an upward / downward tip: a long run beyond both neighbours'."""
+    w = r.ok.shape[0]
+    up = np.zeros(w, bool)
+    down = np.zeros(w, bool)
+    for x in range(1, w - 1):
+        if not (r.ok[x - 1] and r.ok[x] and r.ok[x + 1]):
+            continue
+        if r.hi_edge[x] - r.lo_edge[x] < 1.8 * thickness:
+            continue
+        u = r.lo_edge[x] < r.lo_edge[x - 1] and r.lo_edge[x] <= r.lo_edge[x + 1]
+        d = r.hi_edge[x] > r.hi_edge[x - 1] and r.hi_edge[x] >= r.hi_edge[x + 1]
+        if u and d:  # both in one column: keep the larger excursion
+            ref = 0.5 * (r.centre[x - 1] + r.centre[x + 1])
+            u = ref - r.lo_edge[x] >= r.hi_edge[x] - ref
+            d = not u
+        up[x], down[x] = u, d
+    return up, down
+
+
+def _steep_points(prob: np.ndarray, ink: np.ndarray, r: _Runs, xa: int, xb: int,
+                  thickness: float, up: np.ndarray, down: np.ndarray
+                  ) -> tuple[list[float], list[float]]:
+    """Centre-line points of a steep stretch (columns ``xa..xb``), scanned along rows.
+
+    On a QRS a column holds many heights, so the curve is read the other way round.
+    The stretch is cut at its tips (and its flat ends) into strokes along which the
+    height is monotonic; each pixel row between a stroke's end heights crosses the
+    stroke once, at the centre of its ink run across the row. Where a narrow spike's
+    two strokes merge into one run, the run's edge on this stroke's side, moved in by
+    half the pen, is the crossing. Points come out in time order.
+    """
+    half = thickness / 2.0
+    w_band = r.ok.shape[0]
+    xa, xb = max(xa, 0), min(xb, w_band - 1)
+    cols = np.arange(xa, xb + 1)
+    good = cols[r.ok[cols]]
+    if good.size == 0:
+        return [], []
+    ymin, ymax = int(r.lo[good].min()), int(r.hi[good].max())
+    width = xb - xa + 1
+    sub_ink = np.zeros((ymax - ymin + 1, width), bool)
+    sub_p = prob[xa:xb + 1, ymin:ymax + 1].T
+    for x in good:
+        sub_ink[r.lo[x] - ymin:r.hi[x] - ymin + 1, x - xa] = ink[x, r.lo[x]:r.hi[x] + 1]
+
+    def row_run(row: int, j: int) -> tuple[int, int]:
+        line = sub_ink[row]
+        a, b = j, j
+        while a > 0 and line[a - 1]:
+            a -= 1
+        while b < width - 1 and line[b + 1]:
+            b += 1
+        return a, b
+
+    def edges(row: int, a: int, b: int) -> tuple[float, float]:
+        left, right = _edges(sub_p[row], a, b)
+        return xa + left, xa + right
+
+    # vertices: flat entry, tips in time order, flat exit
+    verts: list[tuple[float, float]] = [(float(good[0]), float(r.centre[good[0]]))]
+    for x in good:
+        for is_tip, sign in ((up[x], -1), (down[x], 1)):
+            if not is_tip or x in (good[0], good[-1]):
+                continue
+            row = (r.lo[x] if sign < 0 else r.hi[x]) - ymin
+            a, b = row_run(row, x - xa)
+            left, right = edges(row, a, b)
+            yt = r.lo_edge[x] + half if sign < 0 else r.hi_edge[x] - half
+            verts.append((0.5 * (left + right), float(yt)))
+    verts.append((float(good[-1]), float(r.centre[good[-1]])))
+    px: list[float] = [verts[0][0]]
+    py: list[float] = [verts[0][1]]
+    for (x0, y0), (x1, y1) in itertools.pairwise(verts):
+        if x1 < x0:
+            x1 = x0
+        step = 1 if y1 > y0 else -1
+        rows = np.arange(int(np.floor(y0)) + (1 if step > 0 else 0),
+                         int(np.ceil(y1)), step)
+        rows = rows[(rows > min(y0, y1)) & (rows < max(y0, y1))]
+        last = x0
+        for y in rows:
+            row = int(y) - ymin
+            if not 0 <= row < sub_ink.shape[0]:
+                continue
+            t = (y - y0) / (y1 - y0)
+            guess = x0 + t * (x1 - x0)
+            j0 = max(0, int(np.floor(min(x0, guess) - xa - thickness)))
+            j1 = min(width - 1, int(np.ceil(max(x1, guess) - xa + thickness)))
+            hits = np.flatnonzero(sub_ink[row, j0:j1 + 1])
+            if hits.size == 0:
+                continue
+            j = j0 + int(hits[np.argmin(np.abs(j0 + hits + xa - guess))])
+            a, b = row_run(row, j)
+            left, right = edges(row, a, b)
+            merged_left = left < x0 - half  # shares its run with the stroke before
+            merged_right = right > x1 + half  # ... or with the stroke after
+            if merged_left and not merged_right:
+                xc = right - half
+            elif merged_right and not merged_left:
+                xc = left + half
+            elif merged_left and merged_right:
+                xc = guess
+            else:
+                xc = 0.5 * (left + right)
+            xc = min(max(xc, last, x0), x1)
+            last = xc
+            px.append(xc)
+            py.append(float(y))
+        px.append(x1)
+        py.append(y1)
+    return px, py
+
+
+def _curve(prob: np.ndarray, ink: np.ndarray, r: _Runs, thickness: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-line points (x, y in band coordinates), sorted by x."""
+    w = r.ok.shape[0]
+    up, down = _tips(r, thickness)
+    steep = r.ok & (r.hi_edge - r.lo_edge > 2.5 * thickness + 1.0)
+    steep = np.asarray(maximum_filter1d(steep.astype(np.uint8), size=3) > 0) & r.ok
+    px: list[float] = []
+    py: list[float] = []
+    d = np.diff(np.concatenate(([0], steep.astype(np.int8), [0])))
+    in_span = np.zeros(w, bool)
+    for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1, strict=True):
+        sx, sy = _steep_points(prob, ink, r, int(a), int(b), thickness, up, down)
+        if sx:
+            px.extend(sx)
+            py.extend(sy)
+            in_span[a:b + 1] = True
+    half = thickness / 2.0
+    for x in np.flatnonzero(r.ok & ~in_span):
+        if up[x]:
+            y = r.lo_edge[x] + half
+        elif down[x]:
+            y = r.hi_edge[x] - half
+        else:
+            y = r.centre[x]
+        px.append(float(x))
+        py.append(float(y))
+    xs = np.asarray(px)
+    ys = np.asarray(py)
+    order = np.argsort(xs, kind="stable")
+    return xs[order], ys[order]
+
+
+def _band_arrays(prob: np.ndarray, band: tuple[int, int], xs: tuple[int, int],
+                 baseline: float, pitch: float, blocked: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-major probability, ink and path cost of one row's band."""
+    top, bot = band
+    sub = prob[top:bot, xs[0]:xs[1]]
+    ink = sub >= RUN_LEVEL
+    cost = 1.0 - sub
+    if blocked is not None:
+        ink &= ~blocked
+        cost = np.where(blocked, np.maximum(cost, OTHER_ROW_COST), cost)
+    ys = np.arange(top, bot, dtype=np.float32)
+    pull = BASELINE_PULL * (np.abs(ys - baseline) / max(pitch, 1.0)) ** 2
+    cost = cost + pull[:, None]
+    return (np.ascontiguousarray(sub.T), np.ascontiguousarray(ink.T),
+            np.ascontiguousarray(cost.T, dtype=np.float32))
+
+
+def _follow(prob: np.ndarray, bands: list[tuple[int, int]], specs: list[RowSpec],
+            thickness: float, blocked: list[np.ndarray | None], curves: bool
+            ) -> list[RowTrace]:
+    """Path search for several rows at once (one Viterbi pass over stacked bands)."""
+    arrays = [_band_arrays(prob, band, s.xs, s.baseline, s.pitch, blk)
+              for band, s, blk in zip(bands, specs, blocked, strict=True)]
+    w = max(c.shape[0] for _, _, c in arrays)
+    h = max(c.shape[1] for _, _, c in arrays)
+    stack = np.full((len(arrays), w, h), PAD_COST, np.float32)
+    for i, (_, _, c) in enumerate(arrays):
+        stack[i, :c.shape[0], :c.shape[1]] = c
+    paths = viterbi_paths(stack)
+    out = []
+    for i, ((p_t, ink_t, c), band, s) in enumerate(zip(arrays, bands, specs, strict=True)):
+        top = band[0]
+        path = np.clip(paths[i, :c.shape[0]], 0, c.shape[1] - 1)
+        runs = _column_runs(p_t, ink_t, path)
+        if curves:
+            px, py = _curve(p_t, ink_t, runs, thickness)
+        else:
+            px = py = np.zeros(0)
+        out.append(RowTrace(row=i, x0=s.xs[0], x=px + s.xs[0], y=py + top, col_ok=runs.ok,
+                            col_conf=runs.conf, lo=runs.lo + top, hi=runs.hi + top,
+                            path=path + top, thickness=thickness))
+    return out
+
+
+def _claimed(trace: RowTrace, band: tuple[int, int], xs: tuple[int, int], margin: int
+             ) -> np.ndarray:
+    """(band rows, columns) mask of the ink ``trace`` took, widened by ``margin``."""
+    top, bot = band
+    ys = np.arange(top, bot)[:, None]
+    k = np.arange(xs[0], xs[1]) - trace.x0
+    valid = (k >= 0) & (k < trace.col_ok.shape[0])
+    k = np.clip(k, 0, trace.col_ok.shape[0] - 1)
+    ok = trace.col_ok[k]
+    lo = np.where(ok, trace.lo[k], trace.path[k]) - margin
+    hi = np.where(ok, trace.hi[k], trace.path[k]) + margin
+    return np.asarray((ys >= lo[None, :]) & (ys <= hi[None, :]) & valid[None, :])
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What the path search needs to know about one row (from the layout stage)."""
+
+    baseline: float
+    band: tuple[int, int]
+    xs: tuple[int, int]
+    pitch: float
+
+
+def extract(prob: np.ndarray, rows: list[RowSpec], px_per_mm: float,
+            thickness: float | None = None, check: Callable[[], None] | None = None
+            ) -> list[RowTrace]:
+    """Follow every row's trace; two passes so touching rows do not steal ink.
+
+    The first pass keeps each row to half way to its neighbours; the second gives each
+    row a band reaching to the neighbours' baselines (tall R waves) but treats the ink
+    the neighbours took in the first pass as theirs. ``check`` is called between passes
+    (the caller's deadline).
+    """
+    if thickness is None:
+        thickness = trace_thickness(prob, px_per_mm)
+    h, w = prob.shape
+    rows = [RowSpec(r.baseline, (max(0, r.band[0]), min(h, r.band[1])),
+                    (max(0, r.xs[0]), min(w, r.xs[1])), r.pitch) for r in rows]
+    if any(r.band[1] - r.band[0] < 3 or r.xs[1] - r.xs[0] < 3 for r in rows):
+        raise DigitizationError("a trace row lies outside the page")
+    half_bands = []
+    for i, r in enumerate(rows):
+        half_up = 0.5 * (r.baseline - rows[i - 1].baseline) if i > 0 else r.pitch
+        half_dn = 0.5 * (rows[i + 1].baseline - r.baseline) if i + 1 < len(rows) else r.pitch
+        half_bands.append((max(r.band[0], int(r.baseline - half_up)),
+                           min(r.band[1], int(r.baseline + half_dn) + 1)))
+    if check is not None:
+        check()
+    first = _follow(prob, half_bands, rows, thickness, [None] * len(rows), curves=False)
+    if check is not None:
+        check()
+    margin = max(1, int(np.ceil(thickness)))
+    blocked: list[np.ndarray | None] = []
+    for i, r in enumerate(rows):
+        others = [t for j, t in enumerate(first) if j != i and abs(j - i) <= 2]
+        if not others:
+            blocked.append(None)
+            continue
+        own = _claimed(first[i], r.band, r.xs, margin)
+        theirs = np.zeros_like(own)
+        for t in others:
+            theirs |= _claimed(t, r.band, r.xs, 0)
+        blocked.append(theirs & ~own)
+    return _follow(prob, [r.band for r in rows], rows, thickness, blocked, curves=True)

@@ -1,0 +1,1 @@
+"""The job store's database: models, engine set-up and migrations."""

@@ -1,0 +1,78 @@
+"""Layout stage on synthetic pages: rows, leads, paper speed, gain and the time axis.
+
+Clean pages are flat and axis-aligned, so the stage runs on them directly with the
+page's own px/mm (the grid stage has its own tests).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.layout import PageLayout, detect_layout
+from pipeline.leads import LAYOUTS, Layout
+from pipeline.synthetic import PageSpec, SyntheticPage, generate_page
+from pipeline.traces import ink_probability, trace_thickness
+
+
+def _read_layout(page: SyntheticPage) -> PageLayout:
+    prob = ink_probability(page.image, page.px_per_mm)
+    return detect_layout(prob, page.px_per_mm, trace_thickness(prob, page.px_per_mm))
+
+
+@pytest.mark.parametrize(
+    ("layout", "grid"),
+    [
+        (Layout.STANDARD, "red"),
+        (Layout.THREE_BY_FOUR, "green"),
+        (Layout.THREE_BY_FOUR_3R, "pink"),
+        (Layout.SIX_BY_TWO, "grey"),
+        (Layout.TWELVE_BY_ONE, "orange"),
+    ],
+)
+def test_every_layout_is_recognised(layout: Layout, grid: str) -> None:
+    gain = 5.0 if layout == Layout.TWELVE_BY_ONE else 10.0
+    page = generate_page(3, "clean", spec=PageSpec(layout=layout, dpi=150.0, grid_color=grid,
+                                                   gain_mm_mv=gain))
+    got = _read_layout(page)
+    assert got.layout == layout
+    assert [r.leads for r in got.rows] == list(LAYOUTS[layout].rows)
+    # rows are found where the page printed them: each cell spans 0.6 of a row pitch
+    # above its baseline and 0.4 below
+    truth = sorted({s["box"][1] + 0.6 * (s["box"][3] - s["box"][1])
+                    for s in page.meta["segments"]})
+    truth = [y for i, y in enumerate(truth) if i == 0 or y - truth[i - 1] > 1.0]
+    found = [r.baseline for r in got.rows]
+    assert np.allclose(found, truth, atol=3.0 * page.px_per_mm)
+
+
+@pytest.mark.parametrize(
+    ("speed", "gain", "layout"),
+    [
+        (25.0, 5.0, Layout.STANDARD),
+        (25.0, 20.0, Layout.STANDARD),
+        (50.0, 10.0, Layout.STANDARD),
+        (50.0, 5.0, Layout.SIX_BY_TWO),
+        (50.0, 20.0, Layout.THREE_BY_FOUR),
+    ],
+)
+def test_paper_speed_and_gain_come_from_the_pulse(speed: float, gain: float,
+                                                  layout: Layout) -> None:
+    page = generate_page(11, "clean", spec=PageSpec(layout=layout, dpi=160.0,
+                                                    paper_speed_mm_s=speed, gain_mm_mv=gain,
+                                                    footer=False))
+    got = _read_layout(page)
+    assert got.paper_speed_mm_s == speed
+    assert got.gain_mm_mv == gain
+    assert got.pulses, "the calibration pulses were not found"
+    heights = [p.height_mm for p in got.pulses]
+    assert np.median(heights) == pytest.approx(gain, rel=0.08)
+    # the printed span: 250 mm, i.e. 10 s at 25 mm/s and 5 s at 50 mm/s
+    assert got.seconds == pytest.approx(page.seconds, rel=0.01)
+
+
+def test_time_axis_starts_where_the_trace_starts() -> None:
+    page = generate_page(5, "clean", spec=PageSpec(layout=Layout.STANDARD, dpi=200.0))
+    got = _read_layout(page)
+    first_x = min(float(path[0, 0]) for path in page.trace_paths.values())
+    assert abs(got.x_start - first_x) < 0.5 * page.px_per_mm

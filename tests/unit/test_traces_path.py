@@ -1,0 +1,96 @@
+"""Trace stage: ink separation, the Viterbi path and the sub-pixel centre line."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pipeline.traces import RowSpec, extract, ink_probability, trace_thickness, viterbi_path
+
+PPM = 8.0
+SHIFT = 4
+
+
+def _draw(img: np.ndarray, xs: np.ndarray, ys: np.ndarray, width: int = 3) -> None:
+    pts = np.round(np.stack([xs, ys], axis=1) * (1 << SHIFT)).astype(np.int32)
+    cv2.polylines(img, [pts], False, (20, 20, 25), width, cv2.LINE_AA, SHIFT)
+
+
+def _page(grid: tuple[int, int, int] | None = None, w: int = 900, h: int = 400) -> np.ndarray:
+    img = np.full((h, w, 3), 252, np.uint8)
+    if grid is not None:
+        for k in range(0, max(w, h), int(PPM)):
+            t = 2 if k % int(5 * PPM) == 0 else 1
+            cv2.line(img, (k, 0), (k, h - 1), grid, t)
+            cv2.line(img, (0, k), (w - 1, k), grid, t)
+    return img
+
+
+def _beat_signal(xs: np.ndarray, baseline: float, period: float = 160.0) -> np.ndarray:
+    """A baseline with a sharp 60 px R wave every ``period`` px and a slow T wave."""
+    phase = np.mod(xs, period)
+    r = 60.0 * np.exp(-0.5 * ((phase - 40.0) / 2.2) ** 2)
+    t = 12.0 * np.exp(-0.5 * ((phase - 95.0) / 14.0) ** 2)
+    return baseline - r - t
+
+
+def test_viterbi_prefers_continuity_over_a_shortcut() -> None:
+    cost = np.ones((30, 50), np.float32)
+    cost[:, 10] = 0.0  # a line at y=10 all along
+    cost[12:18, 40] = 0.0  # a stray blob far away
+    path = viterbi_path(cost)
+    assert (path == 10).all()
+
+
+def test_grey_grid_is_removed_but_the_trace_over_it_is_kept() -> None:
+    img = _page(grid=(160, 160, 160))
+    xs = np.arange(20, 880, 0.25)
+    _draw(img, xs, _beat_signal(xs, 200.0))
+    prob = ink_probability(img, PPM)
+    trace = np.zeros(img.shape[:2], np.uint8)
+    _draw(trace, xs, _beat_signal(xs, 200.0), 1)
+    grid_only = (trace == 0) & (img[..., 0] < 200)
+    grid_only &= cv2.dilate(trace, np.ones((7, 7), np.uint8)) == 0
+    assert float(np.mean(prob[grid_only] > 0.5)) < 0.02
+    assert float(np.mean(prob[trace > 0] > 0.5)) > 0.9
+
+
+def test_centre_line_and_qrs_tips_are_recovered() -> None:
+    img = _page(grid=(240, 170, 170))
+    xs = np.arange(20, 880, 0.1)
+    ys = _beat_signal(xs, 220.0)
+    _draw(img, xs, ys)
+    prob = ink_probability(img, PPM)
+    row = RowSpec(baseline=220.0, band=(60, 360), xs=(30, 870), pitch=160.0)
+    (got,) = extract(prob, [row], PPM, trace_thickness(prob, PPM))
+    y = np.interp(xs, got.x, got.y)
+    inside = (xs > 40) & (xs < 860)
+    err = np.abs(y - ys)[inside]
+    # away from the R waves (tips are checked below)
+    flat = (np.abs(np.mod(xs, 160.0) - 40.0) > 12.0)[inside]
+    assert float(np.sqrt(np.mean(err[flat] ** 2))) < 0.35
+    # every R tip (60 px tall) is reached to within a pixel and a half
+    for k in range(5):
+        tip = 20 + 40.0 + 160.0 * k + (160 - 20 % 160) % 160
+        near = (got.x > tip - 6) & (got.x < tip + 6)
+        if near.any():
+            assert got.y[near].min() < _beat_signal(np.array([tip]), 220.0)[0] + 1.5
+
+
+def test_a_neighbour_rows_spike_does_not_capture_the_path() -> None:
+    img = _page(h=420)
+    xs = np.arange(20, 880, 0.1)
+    upper = 120.0 + 110.0 * np.exp(-0.5 * ((np.mod(xs, 200.0) - 100.0) / 2.5) ** 2)
+    lower = 260.0 + 4.0 * np.sin(xs / 40.0)
+    _draw(img, xs, upper)
+    _draw(img, xs, lower)
+    prob = ink_probability(img, PPM)
+    rows = [RowSpec(120.0, (0, 255), (30, 870), 140.0),
+            RowSpec(260.0, (125, 400), (30, 870), 140.0)]
+    got = extract(prob, rows, PPM)
+    y = np.interp(xs, got[1].x, got[1].y)
+    inside = (xs > 40) & (xs < 860)
+    off = np.abs(y - lower)[inside]
+    assert float(np.mean(off > 3.0)) < 0.03
+    # the upper row keeps its spike, which reaches 30 px from the lower baseline
+    assert float(got[0].y.max()) > 225.0
