@@ -29,6 +29,9 @@ from pipeline.traces import RowTrace
 
 MAX_GAP_S = 0.04
 """Gaps in a trace up to this long are interpolated; longer ones stay NaN."""
+NEIGHBOUR_GUARD_PX = 1.0
+"""Columns next to a lead boundary left to the neighbour when no separator is printed
+(the path restarts at the boundary, so only a merged pen cap can mislead there)."""
 MIN_COVERAGE = 0.7
 """A lead is NaN when less than this share of its span was read from ink."""
 MIN_CONFIDENCE = 0.35
@@ -67,19 +70,37 @@ def _fill_gaps(y: np.ndarray, max_gap: int) -> np.ndarray:
     return y
 
 
+def _extrapolated(q: np.ndarray, xs: np.ndarray, ys: np.ndarray, guard: float,
+                  limit: float) -> np.ndarray:
+    """``ys`` at ``q`` by linear interpolation, continued past both ends along the slope
+    of the last ``2 * guard`` px (at most ``limit`` px away from the end reading), so a
+    lead that starts or ends on a QRS slope keeps its slope instead of a flat step."""
+    out = np.interp(q, xs, ys)
+    span = max(2.0 * guard, 2.0)
+    for end, sign, beyond in ((xs[0], 1.0, q < xs[0]), (xs[-1], -1.0, q > xs[-1])):
+        if not beyond.any() or xs[-1] - xs[0] < 2.0 * span:
+            continue
+        y_end = float(np.interp(end, xs, ys))
+        slope = (float(np.interp(end + sign * span, xs, ys)) - y_end) / (sign * span)
+        out[beyond] = y_end + np.clip(slope * (q[beyond] - end), -limit, limit)
+    return out
+
+
 def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) -> tuple[
     np.ndarray, np.ndarray
 ]:
     """The row's y (px) and confidence at every output sample time (NaN off the trace).
 
     Each of the row's ``k`` leads is read from its own stretch only: the columns within
-    a pen width of a lead boundary hold the separator tick and the jump between leads,
-    so a lead's first and last samples take the nearest reading inside its stretch.
+    a pixel of a lead boundary may hold the neighbour's pen cap, and within a pen width
+    the separator tick when the page prints one, so a lead's first and last samples
+    continue the line of its nearest readings inside its stretch.
     """
     t = np.arange(n) / fs
     xq = layout.x_start + t * layout.px_per_s
     yq = np.full(n, np.nan)
-    guard = trace.thickness + 0.25 * layout.px_per_mm
+    guard = (trace.thickness + 0.25 * layout.px_per_mm if layout.separators
+             else NEIGHBOUR_GUARD_PX)
     for c in range(k):
         i0, i1 = round(c * n / k), round((c + 1) * n / k)
         xa = layout.x_start + i0 / fs * layout.px_per_s
@@ -92,7 +113,7 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
         xs, ys = trace.x[sel], trace.y[sel]
         q = xq[i0:i1]
         inside = (q >= xs[0] - guard - 1) & (q <= xs[-1] + guard + 1)
-        yq[i0:i1] = np.where(inside, np.interp(q, xs, ys), np.nan)
+        yq[i0:i1] = np.where(inside, _extrapolated(q, xs, ys, guard, 2.0 * trace.thickness), np.nan)
     col = np.clip(np.round(xq - trace.x0).astype(np.int64), 0, trace.col_ok.shape[0] - 1)
     # samples in a long run of columns without ink are not read, whatever interp says
     blank = ~trace.col_ok

@@ -60,6 +60,10 @@ MIN_PULSE_MM = 3.8
 """Shorter "pulses" are letters (a serif II); the smallest standard pulse is 5 mm."""
 DEFAULT_SPEED_MM_S = 25.0
 DEFAULT_GAIN_MM_MV = 10.0
+SEPARATOR_MIN_MM = 2.5
+"""A lead separator tick is a vertical stroke at least this long across the baseline."""
+SEPARATOR_SHARE = 0.6
+"""Share of lead boundaries that must show a tick for the page to print them."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class PageLayout:
     label_points: dict[str, tuple[float, float]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     confidence: float = 1.0
+    separators: bool = False
+    """The printer marks lead boundaries with a vertical tick across the baseline."""
 
     @property
     def px_per_s(self) -> float:
@@ -131,7 +137,18 @@ class PageLayout:
         # must not fall off its row
         x0 = int(self.x_start - 1.0 * self.px_per_mm)
         x1 = int(np.ceil(self.x_end + 2.0 * self.px_per_mm)) + 1
-        return [RowSpec(r.baseline, r.band, (x0, x1), r.pitch) for r in self.rows]
+        specs = []
+        for r in self.rows:
+            k = len(r.leads)
+            cuts = tuple(round(self.x_start + c * (self.x_end - self.x_start) / k)
+                         for c in range(k))
+            specs.append(RowSpec(r.baseline, r.band, (x0, x1), r.pitch, cuts))
+        return specs
+
+    def boundaries(self, row: int) -> list[float]:
+        """Columns (px) where a lead of ``row`` ends and the next begins."""
+        k = len(self.rows[row].leads)
+        return [self.x_start + c * (self.x_end - self.x_start) / k for c in range(1, k)]
 
     def segment_box(self, row: int, column: int) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1) px of a lead's cell on the rectified page."""
@@ -508,17 +525,18 @@ def detect_layout(prob: np.ndarray, px_per_mm: float, thickness: float) -> PageL
     ends = np.array([e[1] for e in extents], dtype=np.float64)
 
     # time axis: every row ends where the printed span ends (a faded end only shortens
-    # a row, ink beyond it lengthens one); with a pulse, the span starts just after it
+    # a row, ink beyond it lengthens one); with a pulse, the span starts just after it.
+    # The last inked pixel's outer edge lies half a pen beyond the last printed point.
+    end_pad = 0.5 - 0.5 * thickness
     if pulses:
         after_pulse = float(np.median([p.x1 for p in pulses])) + thickness
         expected = after_pulse + TRACE_WIDTH_MM * ppm
         fits = ends[(ends > expected - 6 * ppm) & (ends < expected + 10 * ppm)]
-        x_end = _shared(fits if fits.size else ends, ppm, last=True)
-        x_end -= 1.0  # the run end is exclusive; a printed line ends at its last point
+        x_end = _shared(fits if fits.size else ends, ppm, last=True) + end_pad
         slack = (-12.0, 12.0)
     else:
         after_pulse = _shared(starts, ppm, last=False)
-        x_end = _shared(ends, ppm, last=True) - 1.0
+        x_end = _shared(ends, ppm, last=True) + end_pad
         slack = (-12.0, 50.0)  # the row's ink may start at the grid edge, pulse and all
     extent_mm = (x_end - after_pulse) / ppm
     if TRACE_WIDTH_MM + slack[0] <= extent_mm <= TRACE_WIDTH_MM + slack[1]:
@@ -546,4 +564,39 @@ def detect_layout(prob: np.ndarray, px_per_mm: float, thickness: float) -> PageL
         zero = by_row[i].y_base if i in by_row else b
         rows.append(RowGeometry(i, b, band, pitch, spec.rows[i], zero))
     conf = min(1.0, 0.5 + 0.5 * len(pulses) / n)
-    return PageLayout(layout, rows, x_start, x_end, ppm, speed, gain, pulses, {}, warnings, conf)
+    page = PageLayout(layout, rows, x_start, x_end, ppm, speed, gain, pulses, {}, warnings, conf)
+    page.separators = _has_separators(prob, page)
+    return page
+
+
+def _has_separators(prob: np.ndarray, page: PageLayout) -> bool:
+    """Whether most lead boundaries carry a separator tick.
+
+    A tick is a vertical run of ink at least ``SEPARATOR_MIN_MM`` long through the
+    baseline within a pen width of the boundary. A QRS that happens to cross a boundary
+    looks the same, so the page is judged by the majority of its boundaries.
+    """
+    ppm = page.px_per_mm
+    reach = max(2, round(0.5 * ppm))
+    need = SEPARATOR_MIN_MM * ppm
+    votes = []
+    for i, row in enumerate(page.rows):
+        for xb in page.boundaries(i):
+            x = round(xb)
+            top = max(0, int(row.baseline - 6 * ppm))
+            window = prob[top:int(row.baseline + 6 * ppm) + 1,
+                          max(0, x - reach):x + reach + 1] > INK_LEVEL
+            if window.size == 0:
+                continue
+            column = window.any(axis=1)
+            b = int(row.baseline) - top
+            if not 0 <= b < column.size or not column[b]:
+                votes.append(False)
+                continue
+            lo, hi = b, b
+            while lo > 0 and column[lo - 1]:
+                lo -= 1
+            while hi < column.size - 1 and column[hi + 1]:
+                hi += 1
+            votes.append(hi - lo + 1 >= need)
+    return bool(votes) and float(np.mean(votes)) >= SEPARATOR_SHARE

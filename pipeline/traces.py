@@ -188,17 +188,22 @@ def ink_probability(image_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
     return prob
 
 
-def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST) -> np.ndarray:
+def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST,
+                 restarts: np.ndarray | None = None) -> np.ndarray:
     """Minimum-cost path through ``cost`` (W, H): one row index per column.
 
     The cost of moving from ``y1`` at column ``x-1`` to ``y2`` at column ``x`` is the
     sum of ``cost[x]`` over ``(y1, y2]`` (or ``[y2, y1)`` upward; ``cost[x, y2]`` when
-    staying) plus ``slope_cost * |y2 - y1|``.
+    staying) plus ``slope_cost * |y2 - y1|``. At a column where ``restarts`` (W,) is
+    true the path may start afresh at any height for free: a lead boundary, where the
+    printer lifts the pen and the next lead starts at its own first value.
     """
-    return viterbi_paths(cost[None], slope_cost)[0]
+    return viterbi_paths(cost[None], slope_cost,
+                         None if restarts is None else restarts[None])[0]
 
 
-def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST) -> np.ndarray:
+def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST,
+                  restarts: np.ndarray | None = None) -> np.ndarray:
     """:func:`viterbi_path` for a stack of bands (R, W, H) at once -> (R, W).
 
     The minimum over all predecessors of the run cost is a distance transform: with
@@ -238,7 +243,13 @@ def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST) -> np.ndarra
         choice = np.where(down < stay, di, idx)
         best = np.minimum(down, stay)
         choice = np.where(up < best, ui, choice)
+        acc_prev = acc
         acc = np.minimum(up, best)
+        if restarts is not None and restarts[:, x].any():
+            r = np.flatnonzero(restarts[:, x])
+            start = np.argmin(acc_prev[r], axis=1)
+            acc[r] = acc_prev[r, start][:, None] + c[r]
+            choice[r] = start[:, None]
         back[:, x] = choice
     paths = np.empty((rr, w), dtype=np.int64)
     paths[:, -1] = np.argmin(acc, axis=1)
@@ -304,15 +315,19 @@ class _Runs:
     ok: np.ndarray
 
 
-def _column_runs(prob: np.ndarray, ink: np.ndarray, path: np.ndarray) -> _Runs:
+def _column_runs(prob: np.ndarray, ink: np.ndarray, path: np.ndarray,
+                 restarts: np.ndarray | None = None) -> _Runs:
     """The contiguous ink run each column's path segment touches (band coordinates).
 
     The path only says which ink run of a column is this row's; the whole run is taken,
-    since on a spike the baseline and the tip lie in one run.
+    since on a spike the baseline and the tip lie in one run. At a restart column the
+    path's jump is not a stroke: only the run at the new height counts.
     """
     w, h = prob.shape
     cols = np.arange(w)
     prev = np.concatenate(([path[0]], path[:-1]))
+    if restarts is not None:
+        prev = np.where(restarts, path, prev)
     a = np.minimum(prev, path) + (prev < path)  # the segment (prev, path] or [path, prev)
     b = np.maximum(prev, path) - (prev > path)
     a = np.minimum(a, b)
@@ -462,13 +477,19 @@ def _steep_points(prob: np.ndarray, ink: np.ndarray, r: _Runs, xa: int, xb: int,
     return px, py
 
 
-def _curve(prob: np.ndarray, ink: np.ndarray, r: _Runs, thickness: float
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Centre-line points (x, y in band coordinates), sorted by x."""
+def _curve(prob: np.ndarray, ink: np.ndarray, r: _Runs, thickness: float,
+           restarts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Centre-line points (x, y in band coordinates), sorted by x.
+
+    A steep stretch never spans a restart column: the leads on either side are
+    separate strokes.
+    """
     w = r.ok.shape[0]
     up, down = _tips(r, thickness)
     steep = r.ok & (r.hi_edge - r.lo_edge > 2.5 * thickness + 1.0)
     steep = np.asarray(maximum_filter1d(steep.astype(np.uint8), size=3) > 0) & r.ok
+    if restarts is not None:
+        steep[restarts] = False
     px: list[float] = []
     py: list[float] = []
     d = np.diff(np.concatenate(([0], steep.astype(np.int8), [0])))
@@ -524,14 +545,20 @@ def _follow(prob: np.ndarray, bands: list[tuple[int, int]], specs: list[RowSpec]
     stack = np.full((len(arrays), w, h), PAD_COST, np.float32)
     for i, (_, _, c) in enumerate(arrays):
         stack[i, :c.shape[0], :c.shape[1]] = c
-    paths = viterbi_paths(stack)
+    restarts = np.zeros((len(arrays), w), bool)
+    for i, s in enumerate(specs):
+        for cut in s.cuts:
+            if s.xs[0] < cut < s.xs[1]:
+                restarts[i, cut - s.xs[0]] = True
+    paths = viterbi_paths(stack, restarts=restarts)
     out = []
     for i, ((p_t, ink_t, c), band, s) in enumerate(zip(arrays, bands, specs, strict=True)):
         top = band[0]
         path = np.clip(paths[i, :c.shape[0]], 0, c.shape[1] - 1)
-        runs = _column_runs(p_t, ink_t, path)
+        cuts = restarts[i, :c.shape[0]]
+        runs = _column_runs(p_t, ink_t, path, cuts)
         if curves:
-            px, py = _curve(p_t, ink_t, runs, thickness)
+            px, py = _curve(p_t, ink_t, runs, thickness, cuts)
         else:
             px = py = np.zeros(0)
         out.append(RowTrace(row=i, x0=s.xs[0], x=px + s.xs[0], y=py + top, col_ok=runs.ok,
@@ -562,6 +589,8 @@ class RowSpec:
     band: tuple[int, int]
     xs: tuple[int, int]
     pitch: float
+    cuts: tuple[int, ...] = ()
+    """Columns where one lead ends and the next begins (the path restarts there)."""
 
 
 def extract(prob: np.ndarray, rows: list[RowSpec], px_per_mm: float,
@@ -578,7 +607,7 @@ def extract(prob: np.ndarray, rows: list[RowSpec], px_per_mm: float,
         thickness = trace_thickness(prob, px_per_mm)
     h, w = prob.shape
     rows = [RowSpec(r.baseline, (max(0, r.band[0]), min(h, r.band[1])),
-                    (max(0, r.xs[0]), min(w, r.xs[1])), r.pitch) for r in rows]
+                    (max(0, r.xs[0]), min(w, r.xs[1])), r.pitch, r.cuts) for r in rows]
     if any(r.band[1] - r.band[0] < 3 or r.xs[1] - r.xs[0] < 3 for r in rows):
         raise DigitizationError("a trace row lies outside the page")
     half_bands = []
