@@ -588,7 +588,7 @@ def _has_separators(prob: np.ndarray, page: PageLayout) -> bool:
                           max(0, x - reach):x + reach + 1] > INK_LEVEL
             if window.size == 0:
                 continue
-            column = window.any(axis=1)
+            column: np.ndarray = np.asarray(window.any(axis=1))
             b = int(row.baseline) - top
             if not 0 <= b < column.size or not column[b]:
                 votes.append(False)
