@@ -39,31 +39,37 @@ from scipy.ndimage import maximum_filter1d
 from pipeline.errors import DigitizationError
 
 INK_LEVEL = 0.5
+"""Probability above which a pixel counts as ink for runs and extents."""
 INK_LO, INK_HI = 0.2, 0.55
 """Darkness, as shares of the page's ink darkness, mapped to probability 0 and 1."""
 RUN_LEVEL = 0.2
 """Weaker ink that still extends a run the path touches (thin, faint QRS strokes)."""
-"""Probability above which a pixel counts as ink for runs and extents."""
-SLOPE_COST = 0.004
+RUN_GAP_PX = 3
+"""Vertical closing length: a column's ink broken for up to 2 px (a faint, thin QRS
+stroke on a phone photo) is still one run."""
+PATH_FULL_INK = 0.4
+"""Probability from which the path search treats a pixel as fully inked: a thin, faint
+QRS stroke costs no more to climb than a bold one, so the path does not cut the spike."""
+SLOPE_COST = 0.001
 """Cost per pixel of vertical movement, on top of the non-ink along the run."""
 BASELINE_PULL = 0.15
 """Cost per column for lying a whole row pitch away from the row's baseline."""
 OTHER_ROW_COST = 0.85
+"""Ink explained by a neighbour row's path is treated as this much non-ink."""
 PAD_COST = 1e3
 """Cost of the padding rows when bands of different heights are stacked."""
-"""Ink explained by a neighbour row's path is treated as this much non-ink."""
 GRID_PERCENTILE = 20.0
 """Row/column percentile taken as grid (not ink) darkness; a trace covers far less."""
 OPEN_MIN_PEN_PX = 3.0
+"""Pen width (px) from which one-pixel grid remnants are opened away."""
 GRID_LEFT_SHARE = 0.1
 """More of the page than this reading as ink means grid remnants (a fax-like scan)."""
-"""Pen width (px) from which one-pixel grid remnants are opened away."""
 GRID_WINDOW_MM = 3.0
 """Length of the stretches of a grid line whose darkness is read at once."""
 PERIODIC_PERCENTILE = 30.0
+"""Percentile of the same-phase samples (six 5 mm periods either way) read as the grid."""
 GRID_PERIOD_MM = 5.0
 """Major grid pitch: the line pattern repeats with it."""
-
 
 @dataclass
 class RowTrace:
@@ -523,7 +529,9 @@ def _band_arrays(prob: np.ndarray, band: tuple[int, int], xs: tuple[int, int],
     top, bot = band
     sub = prob[top:bot, xs[0]:xs[1]]
     ink = sub >= RUN_LEVEL
-    cost = 1.0 - sub
+    ink = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_CLOSE,
+                           np.ones((RUN_GAP_PX, 1), np.uint8)).astype(bool)
+    cost = 1.0 - np.clip(sub / PATH_FULL_INK, 0.0, 1.0)
     if blocked is not None:
         ink &= ~blocked
         cost = np.where(blocked, np.maximum(cost, OTHER_ROW_COST), cost)
