@@ -33,7 +33,7 @@ WEDGE_DEG = 12.0
 MIN_TILE_FRACTION = 0.04
 """At least this fraction of tiles must show both line families, else there is no grid."""
 MAJOR_LINE_MM = 5.0
-ORIENT_PX_PER_MM = 4.0
+ORIENT_PX_PER_MM = 3.0
 """Scale of the small rendering the quarter turns are decided on."""
 ORIENT_INK_DARKNESS = 0.6
 """Ink for the orientation cues: darker than this share of the paper around it."""
@@ -44,8 +44,9 @@ MIN_PULSE_MATCH = 0.7
 PULSE_AXIS_MARGIN = 0.05
 BAND_AXIS_MARGIN = 0.25
 PULSE_BAND = 0.25
-PULSE_BLUR_MM = 0.75
 """Share of the page width, at either side, searched for calibration pulses."""
+PULSE_BLUR_MM = 0.75
+"""Blur (mm) that lets a pulse a little off the template's size still match."""
 MIN_FAMILY_ENERGY = 0.12
 MIN_CHROMA_AGREEMENT = 0.1
 """Least correlation of the chroma channel with the grey-level one for it to be used."""
