@@ -71,6 +71,7 @@ PERIODIC_PERCENTILE = 30.0
 GRID_PERIOD_MM = 5.0
 """Major grid pitch: the line pattern repeats with it."""
 
+
 @dataclass
 class RowTrace:
     """The trace of one printed row on the rectified page.
