@@ -84,10 +84,19 @@ def synth(
     n: Annotated[int, typer.Option("--n", help="Number of pages.")] = 24,
     style: Annotated[str, typer.Option("--style", help="clean, scan or photo.")] = "mixed",
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    speed: Annotated[
+        bool, typer.Option("--speed", help="Time generation instead: pages/s per style.")
+    ] = False,
+    width: Annotated[
+        int | None, typer.Option("--width", help="Page width px for --speed (default: training's).")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Processes for --speed.")] = 2,
 ) -> None:
-    """Generate synthetic ECG pages with exact ground truth."""
-    from service.synth_cli import run_synth
+    """Generate synthetic ECG pages with exact ground truth, or time their generation."""
+    from service.synth_cli import run_speed, run_synth
 
+    if speed:
+        raise typer.Exit(run_speed(width=width, workers=workers, n=n))
     raise typer.Exit(run_synth(contact_sheet=contact_sheet, out=out, n=n, style=style, seed=seed))
 
 

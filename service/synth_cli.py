@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.leads import LEADS, Layout
-from pipeline.synthetic import STYLES, PageSpec, SyntheticPage, generate_page
+from pipeline.synthetic import (
+    STYLES,
+    TRAIN_WIDTH_PX,
+    PageSpec,
+    SyntheticPage,
+    generate_page,
+    generation_rate,
+)
 from pipeline.synthetic import contact_sheet as make_contact_sheet
 from pipeline.synthetic.spec import GRID_COLORS, random_spec
 
@@ -141,3 +148,26 @@ def run_synth(contact_sheet: Path | None, out: Path | None, n: int, style: str, 
         print(f"wrote {n} pages to {out}")
     return 0
 
+
+
+def run_speed(width: int | None, workers: int, n: int) -> int:
+    """Entry point of ``cardioscan synth --speed``: a table of pages/s; returns the exit code."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    width_px = TRAIN_WIDTH_PX if width is None else width
+    if n < 1 or workers < 1 or width_px < 64:
+        print("error: --n and --workers must be at least 1, --width at least 64", file=sys.stderr)
+        return 2
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"{n} pages per style, {width_px} px, {workers} processes",
+                            total=len(STYLES))
+        rate = generation_rate(width_px, workers, n, progress=lambda _: bar.advance(task))
+    table = Table(title=f"Generation at {width_px} px wide, {workers} processes, {n} pages each")
+    for style in (*STYLES, "training mix"):
+        table.add_column(style, justify="right")
+    table.add_row(*(f"{rate.per_style[s]:.1f} pages/s" for s in STYLES),
+                  f"{rate.training_mix:.1f} pages/s")
+    Console().print(table)
+    return 0

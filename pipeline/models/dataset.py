@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline import illumination
 from pipeline.leads import LEAD_INDEX
 from pipeline.models.engine import PAD_VALUE, Frame
-from pipeline.synthetic import SyntheticPage, generate_page
+from pipeline.synthetic import TRAIN_STYLE_MIX, TRAIN_WIDTHS_PX, SyntheticPage, generate_page
 from pipeline.synthetic.spec import PULSE_SECONDS
 
 RECT_PX_PER_MM = 8.0
@@ -52,8 +52,8 @@ class DataConfig:
     """(H, W) of a sample; a whole A4 or letter grid (plus margins) fits the default frame."""
     frame: Frame = field(default_factory=Frame)
     sigma_px: float = 1.0
-    styles: tuple[tuple[str, float], ...] = (("photo", 0.6), ("scan", 0.3), ("clean", 0.1))
-    width_px: tuple[int, int] = (1600, 2600)
+    styles: tuple[tuple[str, float], ...] = TRAIN_STYLE_MIX
+    width_px: tuple[int, int] = TRAIN_WIDTHS_PX
     """Range of the source picture's width (photos) or page width (scans)."""
     rect_px_per_mm: float = RECT_PX_PER_MM
     views_per_page: int = 2

@@ -6,18 +6,29 @@ is applied to the ground truth through the same mapping as the pixels.
 """
 
 from pipeline.synthetic.page import PaperToImage, SyntheticPage, generate_page
-from pipeline.synthetic.sets import SET_NAMES, TRAIN_WIDTH_PX, contact_sheet, synthetic_set
+from pipeline.synthetic.rate import (
+    TRAIN_STYLE_MIX,
+    TRAIN_WIDTH_PX,
+    TRAIN_WIDTHS_PX,
+    GenerationRate,
+    generation_rate,
+)
+from pipeline.synthetic.sets import SET_NAMES, contact_sheet, synthetic_set
 from pipeline.synthetic.spec import STYLES, PageSpec, random_spec
 
 __all__ = [
     "SET_NAMES",
     "STYLES",
+    "TRAIN_STYLE_MIX",
+    "TRAIN_WIDTHS_PX",
     "TRAIN_WIDTH_PX",
+    "GenerationRate",
     "PageSpec",
     "PaperToImage",
     "SyntheticPage",
     "contact_sheet",
     "generate_page",
+    "generation_rate",
     "random_spec",
     "synthetic_set",
 ]

@@ -4,6 +4,11 @@ Geometric changes go through one ``Warp`` (see ``warp.py``) that moves the pixel
 ground-truth points alike; photometric changes (light, blur, noise, JPEG, ...) never move
 anything. Handwriting and paper shading are drawn on the page before the warp, so they
 follow the paper.
+
+Pictures stay uint8 from the warp on, and every whole-picture step is one OpenCV call
+(remaps of 1 or 3 channels, which have fast paths; light as a u8 product; noise from
+``cv2.randn`` seeded from the page's generator): this is what keeps generation at the
+rate training needs.
 """
 
 from __future__ import annotations
@@ -15,8 +20,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.synthetic.render import RenderedPage
+from pipeline.synthetic.render import RenderedPage, cv_scalar
 from pipeline.synthetic.warp import Homography, Lens, PaperWarp, Warp
+
+LIGHT_ONE = 192.0
+"""u8 value of a light factor of 1: light maps are u8 ``factor * LIGHT_ONE`` (up to 1.33)."""
+SHADE_ONE = 160.0
+"""u8 value of a paper shading factor of 1 in the warped shading layer (0.5-1.2 fits)."""
 
 
 @dataclass
@@ -91,11 +101,12 @@ def add_handwriting(image: np.ndarray, rng: np.random.Generator, ppm: float) -> 
 
 
 def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
-    ok, buf = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     decoded = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
     if decoded is None:
         return image
-    return np.ascontiguousarray(decoded[..., ::-1])
+    return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
 
 
 def _warp_layer(warp: Warp, maps: tuple[np.ndarray, np.ndarray] | None, layer: np.ndarray,
@@ -110,10 +121,18 @@ def _warp_layer(warp: Warp, maps: tuple[np.ndarray, np.ndarray] | None, layer: n
                      borderValue=border)
 
 
+def _lit(img: np.ndarray, light: np.ndarray | None, cast: np.ndarray) -> np.ndarray:
+    """``img`` (u8 RGB) times a smooth light field (H,W float32, or None) times a colour cast."""
+    if light is None:
+        return cv2.multiply(img, cv_scalar(cast))  # type: ignore[call-overload]
+    planes = [cv2.convertScaleAbs(light, alpha=float(c) * LIGHT_ONE) for c in cast]
+    return cv2.multiply(img, cv2.merge(planes), scale=1.0 / LIGHT_ONE)
+
+
 def _photometric(img: np.ndarray, rng: np.random.Generator, meta: dict[str, Any], *,
                  blur: tuple[float, float], noise: tuple[float, float],
                  jpeg: tuple[int, int], p_jpeg: float, p_moire: float) -> np.ndarray:
-    """Blur, moire, noise, JPEG on a float32 RGB image; returns uint8."""
+    """Blur, moire, noise, JPEG on a uint8 RGB image; returns uint8."""
     h, w = img.shape[:2]
     sigma = float(rng.uniform(*blur))
     if sigma > 0.25:
@@ -125,20 +144,22 @@ def _photometric(img: np.ndarray, rng: np.random.Generator, meta: dict[str, Any]
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
         phase = (xx * np.cos(ang) + yy * np.sin(ang)) * (2 * np.pi / period)
         beat = np.cos(phase + 0.3 * np.sin(yy * 0.01 + xx * 0.013))
-        img *= (1.0 + float(rng.uniform(0.02, 0.06)) * beat)[..., None]
+        gain = (1.0 + float(rng.uniform(0.02, 0.06)) * beat).astype(np.float32)
+        img = _lit(img, gain, np.ones(3))
         meta["moire_period_px"] = round(float(period), 2)
     sd = float(rng.uniform(*noise))
-    if sd > 0.3:
-        img += (rng.standard_normal((h, w), dtype=np.float32) * sd)[..., None]
+    seed = int(rng.integers(0, 2**31 - 1))
+    if sd > 0.3:  # luminance noise, the same in the three channels
+        grain = np.empty((h, w), np.int8)
+        cv2.setRNGSeed(seed)
+        cv2.randn(grain, np.zeros(1), np.full(1, sd))
+        img = cv2.add(img, cv2.merge([grain, grain, grain]), dtype=cv2.CV_8U)
         meta["noise_sd"] = round(sd, 2)
-    np.clip(img, 0.0, 254.5, out=img)
-    img += 0.5
-    out = img.astype(np.uint8)
     if rng.random() < p_jpeg:
         q = int(rng.integers(jpeg[0], jpeg[1] + 1))
-        out = _jpeg(out, q)
+        img = _jpeg(img, q)
         meta["jpeg_quality"] = q
-    return out
+    return img
 
 
 def degrade_scan(page: RenderedPage, rng: np.random.Generator) -> Degraded:
@@ -170,18 +191,21 @@ def degrade_scan(page: RenderedPage, rng: np.random.Generator) -> Degraded:
     img = _warp_layer(warp, None, img_page, cv2.INTER_LINEAR, bg)
     lead_mask = _warp_layer(warp, None, page.lead_mask, cv2.INTER_NEAREST)
     grid = _warp_layer(warp, None, page.grid_alpha, cv2.INTER_LINEAR)
-    f = img.astype(np.float32)
+    cast = np.ones(3)
     if rng.random() < 0.5:  # paper tone and scanner colour response
-        f *= rng.uniform(0.93, 1.0, 3).astype(np.float32)
+        cast = rng.uniform(0.93, 1.0, 3)
+    light = None
     if rng.random() < 0.3:
-        f *= _smooth_field(rng, (h, w), 3, 0.9, 1.0)[..., None]
+        light = _smooth_field(rng, (h, w), 3, 0.9, 1.0)
         meta["uneven_light"] = True
+    if light is not None or (cast != 1.0).any():
+        img = _lit(img, light, cast)
     if rng.random() < 0.15:  # crease of a folded page, scanned flat
         meta["crease"] = True
         x = rng.uniform(0.2, 0.8) * w
-        cv2.line(f, (round(x), 0), (round(x + rng.normal(0, 0.02) * w), h),
-                 (150.0, 150.0, 150.0), max(1, round(0.25 * ppm)), cv2.LINE_AA)
-    out = _photometric(f, rng, meta, blur=(0.0, 1.0), noise=(0.0, 5.0), jpeg=(55, 95),
+        cv2.line(img, (round(x), 0), (round(x + rng.normal(0, 0.02) * w), h),
+                 (150, 150, 150), max(1, round(0.25 * ppm)), cv2.LINE_AA)
+    out = _photometric(img, rng, meta, blur=(0.0, 1.0), noise=(0.0, 5.0), jpeg=(55, 95),
                        p_jpeg=0.6, p_moire=0.08)
     if rng.random() < 0.2:
         g = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY)
@@ -189,13 +213,13 @@ def degrade_scan(page: RenderedPage, rng: np.random.Generator) -> Degraded:
             g = cv2.adaptiveThreshold(g, 255, cv2.ADAPTIVE_THRESH_MEAN_C, cv2.THRESH_BINARY,
                                       31, 12)
             meta["binarized"] = True
-        out = np.repeat(g[..., None], 3, axis=2)
+        out = cv2.cvtColor(g, cv2.COLOR_GRAY2RGB)
         meta["grayscale"] = True
     return Degraded(out, lead_mask, grid, warp, meta)
 
 
 def _desk(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
-    """A table/desk texture around the paper, made at 1/4 size and upsampled."""
+    """A table/desk texture (u8 RGB) around the paper, made at 1/4 size and upsampled."""
     kind = str(rng.choice(["wood", "dark", "grey", "cloth", "white"],
                           p=[0.45, 0.18, 0.17, 0.1, 0.1]))
     sw, sh = max(64, w // 4), max(48, h // 4)
@@ -223,8 +247,8 @@ def _desk(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, str]:
                             interpolation=cv2.INTER_CUBIC)
         tex = base[None, None, :] * (1 + 0.05 * mottle[..., None])
     tex = tex * (1 + rng.normal(0, 0.02, (sh, sw, 1)).astype(np.float32))
-    big = cv2.resize(tex.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    return big, kind
+    small = np.clip(tex + 0.5, 0, 255).astype(np.uint8)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), kind
 
 
 def _paper_shading(rng: np.random.Generator, page: RenderedPage, pw: PaperWarp,
@@ -317,24 +341,23 @@ def degrade_photo(page: RenderedPage, rng: np.random.Generator, out_w: int,
     meta.update(rotation_deg=round(angle, 2), page_fraction=round(frac, 3),
                 lens_k1=round(lens.k1, 4))
     maps = warp.maps()
-    warped = cv2.remap(img_page, maps[0], maps[1], cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-    # Paper coverage and paper shading travel together in one two-channel remap.
-    paper = cv2.merge([np.ones((h, w), np.float32),
-                       shade if shade is not None else np.ones((h, w), np.float32)])
-    paper = cv2.remap(paper, maps[0], maps[1], cv2.INTER_LINEAR,
-                      borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0))
-    alpha, shading = paper[..., 0], paper[..., 1]
-    lead_mask = cv2.remap(page.lead_mask, maps[0], maps[1], cv2.INTER_NEAREST,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    grid = cv2.remap(page.grid_alpha, maps[0], maps[1], cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     desk, kind = _desk(rng, out_h, out_w)
     meta["background"] = kind
-    f = warped.astype(np.float32)
-    f -= desk
-    f *= alpha[..., None]
-    f += desk
+    # The paper lands on the desk; where the page does not reach, the desk stays.
+    img = cv2.remap(img_page, maps[0], maps[1], cv2.INTER_LINEAR, dst=desk,
+                    borderMode=cv2.BORDER_TRANSPARENT)
+    lead_mask = cv2.remap(page.lead_mask, maps[0], maps[1], cv2.INTER_NEAREST,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    shading: np.ndarray | None = None
+    if shade is None:
+        grid = cv2.remap(page.grid_alpha, maps[0], maps[1], cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    else:  # grid and shading in one 3-channel remap (the fast path); off the paper: no shade
+        shade_u8 = cv2.convertScaleAbs(shade, alpha=SHADE_ONE)
+        layers = cv2.remap(cv2.merge([page.grid_alpha, shade_u8, shade_u8]), maps[0], maps[1],
+                           cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=(0, SHADE_ONE, SHADE_ONE))
+        grid, shading = layers[..., 0].copy(), layers[..., 1]
     # Light at 1/8 resolution: gradient/vignette, shadow, glare; then one resize.
     sh, sw = max(8, out_h // 8), max(8, out_w // 8)
     light: np.ndarray = _smooth_field(rng, (sh, sw), 3, 0.75, 1.05)
@@ -353,13 +376,15 @@ def degrade_photo(page: RenderedPage, rng: np.random.Generator, out_w: int,
         cx, cy = rng.uniform(0.2, 0.8) * sw, rng.uniform(0.2, 0.8) * sh
         r = rng.uniform(0.05, 0.2) * sw
         glare = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)) * rng.uniform(0.2, 0.5)
-    light_full = cv2.resize(light, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-    light_full *= shading + (1.0 - alpha)
+    light_full = cv2.resize(light.astype(np.float32), (out_w, out_h),
+                            interpolation=cv2.INTER_LINEAR)
+    if shading is not None:
+        light_full = cv2.multiply(light_full, shading, scale=1.0 / SHADE_ONE, dtype=cv2.CV_32F)
     cast = rng.uniform([0.88, 0.9, 0.86], [1.0, 1.0, 1.02])
-    f *= cv2.merge([light_full * float(c) for c in cast])
+    img = _lit(img, light_full, cast)
     if glare is not None:  # washes the picture toward white
         g = cv2.resize(glare.astype(np.float32), (out_w, out_h), interpolation=cv2.INTER_LINEAR)
-        f += (255.0 - f) * g[..., None]
-    out = _photometric(f, rng, meta, blur=(0.2, 1.4), noise=(1.0, 6.0), jpeg=(60, 95),
+        img = cv2.blendLinear(img, np.full_like(img, 255), 1.0 - g, g)
+    out = _photometric(img, rng, meta, blur=(0.2, 1.4), noise=(1.0, 6.0), jpeg=(60, 95),
                        p_jpeg=0.9, p_moire=0.05)
     return Degraded(out, lead_mask, grid, warp, meta)

@@ -263,20 +263,34 @@ def draw_text(canvas: np.ndarray, text: str, x_px: float, y_px: float, height_px
     return x_px, y_px - th, x_px + tw, y_px
 
 
+def cv_scalar(rgb: np.ndarray) -> tuple[float, float, float, float]:
+    """An RGB triple as the 4-tuple OpenCV takes for a per-channel constant.
+
+    OpenCV's type stubs list only arrays for arithmetic operands, hence the ``type: ignore``
+    where one is passed.
+    """
+    r, g, b = (float(v) for v in rgb)
+    return r, g, b, 0.0
+
+
 def composite(ink: np.ndarray, minor: np.ndarray, major: np.ndarray,
               colours: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Paper, minor grid, major grid and ink, each over the last, as one (N,4)x(4,3) product."""
-    keep = 1.0 - ink
-    w_major = major * keep
-    keep *= 1.0 - major
-    w_minor = minor * keep
-    keep *= 1.0 - minor
-    weights = cv2.merge([keep, w_minor, w_major, ink])
-    # cv2.transform rather than a BLAS matmul: no thread pool to fight data-loader workers.
-    rgb: np.ndarray = cv2.transform(weights, np.stack(colours).astype(np.float32).T.copy())
-    np.clip(rgb, 0.0, 254.5, out=rgb)
-    rgb += 0.5
-    return rgb.astype(np.uint8)
+    """Paper, minor grid, major grid and ink, each over the last (u8 alphas in, u8 RGB out).
+
+    With the layer weights summing to one, the colour is the paper's less a darkening that
+    is linear in the minor, major and ink weights: one 3x3 ``cv2.transform`` of u8 weights
+    (OpenCV's SIMD path) and a subtraction from the paper colour. No page-sized float
+    layers, no BLAS thread pool to fight data-loader workers; rounding costs one grey level.
+    """
+    keep = cv2.bitwise_not(ink)
+    w_major = cv2.multiply(major, keep, scale=1.0 / 255.0)
+    keep = cv2.multiply(keep, cv2.bitwise_not(major), scale=1.0 / 255.0)
+    w_minor = cv2.multiply(minor, keep, scale=1.0 / 255.0)
+    paper = np.asarray(colours[0], np.float32)
+    darkening = np.clip(paper[:, None] - np.stack(colours[1:], axis=1), 0.0, 255.0) / 255.0
+    dark = cv2.transform(cv2.merge([w_minor, w_major, ink]), darkening.astype(np.float32))
+    rgb: np.ndarray = cv2.subtract(cv_scalar(paper), dark)  # type: ignore[call-overload]
+    return rgb
 
 
 def render_page(spec: PageSpec, signals: np.ndarray, fs: int, ppm: float,
@@ -328,19 +342,20 @@ def render_page(spec: PageSpec, signals: np.ndarray, fs: int, ppm: float,
     ink_rgb = np.array((18, 18, 24), np.float32) + rng.normal(0, 5, 3).astype(np.float32)
     if rng.random() < 0.08:
         ink_rgb = np.array((25, 35, 90), np.float32)  # blue-black ink
-    ink_scale = float(rng.uniform(0.85, 1.0)) / 255.0
+    ink_scale = float(rng.uniform(0.85, 1.0))  # how dark the ink prints
     colours = (paper_rgb, minor_rgb, major_rgb, np.clip(ink_rgb, 0, 255))
     # Composite in bands of rows so a 600 dpi page needs no page-sized float layers.
     image = np.empty((h, w, 3), np.uint8)
     grid_alpha = np.empty((h, w), np.uint8)
     for r0 in range(0, h, BAND_ROWS):
         r1 = min(h, r0 + BAND_ROWS)
-        minor_a, major_a = grid_layers(w, (r0, r1), ppm, geo.grid_mm, spec.grid_style,
+        minor_f, major_f = grid_layers(w, (r0, r1), ppm, geo.grid_mm, spec.grid_style,
                                        minor_w, major_w)
-        minor_a *= strength
-        grid_alpha[r0:r1] = (np.maximum(minor_a, major_a) * 255.0 + 0.5).astype(np.uint8)
-        image[r0:r1] = composite(ink[r0:r1].astype(np.float32) * ink_scale, minor_a, major_a,
-                                 colours)
+        minor_a = cv2.convertScaleAbs(minor_f, alpha=255.0 * strength)
+        major_a = cv2.convertScaleAbs(major_f, alpha=255.0)
+        grid_alpha[r0:r1] = cv2.max(minor_a, major_a)
+        image[r0:r1] = composite(cv2.convertScaleAbs(ink[r0:r1], alpha=ink_scale), minor_a,
+                                 major_a, colours)
     meta = {
         "grid_color": spec.grid_color,
         "grid_style": spec.grid_style,

@@ -9,9 +9,6 @@ import numpy as np
 
 from pipeline.synthetic.page import SyntheticPage, generate_page
 
-TRAIN_WIDTH_PX = 1024
-"""Page width of the README's generation-speed figure. The learned engine trains on wider
-pages (``pipeline.models.dataset.DataConfig.width_px``, 1600-2600 px)."""
 SET_SIZE = 50
 _SETS: dict[str, tuple[str, int]] = {
     "synthetic-scan": ("scan", 1_000_000),

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-MAP_STEP = 4  # px between exactly evaluated samples of the dense map
+MAP_STEP = 6  # px between exactly evaluated samples of the dense map
+JACOBIAN_ITERATIONS = 1  # Newton steps with a fresh Jacobian before chord steps
 
 
 @dataclass
@@ -121,19 +122,25 @@ class Warp:
         q = self._guess(p)
         eps = 0.25
         todo = np.arange(len(p))
-        for _ in range(iterations):
+        jac: np.ndarray | None = None  # (k, 4): jx, jy of the points in ``todo``
+        for it in range(iterations):
             qa = q[todo]
             k = len(qa)
-            dx, dy = np.array([eps, 0.0]), np.array([0.0, eps])
-            g3 = self.inverse(np.concatenate([qa, qa + dx, qa + dy]))
-            g, gx, gy = g3[:k], g3[k:2 * k], g3[2 * k:]
-            jx, jy = (gx - g) / eps, (gy - g) / eps  # columns of the Jacobian
+            if it < JACOBIAN_ITERATIONS or jac is None:
+                dx, dy = np.array([eps, 0.0]), np.array([0.0, eps])
+                g3 = self.inverse(np.concatenate([qa, qa + dx, qa + dy]))
+                g = g3[:k]
+                jac = np.concatenate([(g3[k:2 * k] - g) / eps, (g3[2 * k:] - g) / eps], axis=1)
+            else:  # chord steps: the warp is smooth, the last Jacobian still holds
+                g = self.inverse(qa)
+            jx, jy = jac[:, :2], jac[:, 2:]
             r = g - p[todo]
             det = jx[:, 0] * jy[:, 1] - jy[:, 0] * jx[:, 1]
             det = np.where(np.abs(det) < 1e-9, 1e-9, det)
             q[todo, 0] -= (jy[:, 1] * r[:, 0] - jy[:, 0] * r[:, 1]) / det
             q[todo, 1] -= (-jx[:, 1] * r[:, 0] + jx[:, 0] * r[:, 1]) / det
-            todo = todo[np.abs(r).max(axis=1) > 1e-5]
+            keep = np.abs(r).max(axis=1) > 1e-5
+            todo, jac = todo[keep], jac[keep]
             if len(todo) == 0:
                 break
         return q

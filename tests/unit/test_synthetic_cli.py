@@ -12,7 +12,8 @@ import wfdb
 
 from pipeline.leads import LEADS
 from pipeline.synthetic import generate_page
-from service.synth_cli import run_synth, write_page
+from pipeline.synthetic.rate import GenerationRate
+from service.synth_cli import run_speed, run_synth, write_page
 
 
 def test_write_page_writes_image_record_json_and_arrays(tmp_path: Path) -> None:
@@ -54,3 +55,24 @@ def test_bad_arguments_fail_with_a_message(tmp_path: Path,
     assert run_synth(contact_sheet=None, out=tmp_path, n=1, style="fax", seed=0) == 2
     assert "unknown style" in capsys.readouterr().err
     assert run_synth(contact_sheet=None, out=None, n=1, style="clean", seed=0) == 2
+
+
+def test_speed_times_every_style_on_worker_processes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_speed(width=320, workers=2, n=2) == 0
+    out = capsys.readouterr().out
+    assert "320 px wide, 2 processes" in out
+    for column in ("clean", "scan", "photo", "training mix"):
+        assert column in out
+    assert out.count("pages/s") == 4
+
+
+def test_training_mix_is_the_share_weighted_time_per_page() -> None:
+    rate = GenerationRate(2100, 2, 10, {"clean": 30.0, "scan": 12.0, "photo": 8.0})
+    # 0.1/30 + 0.3/12 + 0.6/8 s per page
+    assert rate.training_mix == pytest.approx(1.0 / (0.1 / 30 + 0.3 / 12 + 0.6 / 8))
+    assert 8.0 < rate.training_mix < 12.0
+
+
+def test_speed_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_speed(width=10, workers=2, n=2) == 2
+    assert "--width" in capsys.readouterr().err
