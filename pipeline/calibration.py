@@ -3,7 +3,8 @@
 * **Time**: column ``x`` of a row is time ``(x - x_start) / (speed * px_per_mm)``; the
   lead in column ``c`` of a ``k``-column row owns samples ``[c, c+1) * n / k`` (the
   print convention, :func:`pipeline.leads.segment_span`). Values between pixel columns
-  are linearly interpolated; gaps longer than ``MAX_GAP_S`` stay NaN.
+  are linearly interpolated (a spike's strokes read at one column are first spread
+  across it, :func:`spread_ties`); gaps longer than ``MAX_GAP_S`` stay NaN.
 * **Voltage**: ``(zero_y - y) / (gain * px_per_mm)``, with ``zero_y`` the base of the
   row's calibration pulse (the printer's 0 mV), or the row's isoelectric line.
 * **Repeated leads** (II on a 3x4+1 page, V1/II/V5 on 3x4+3) are averaged where both
@@ -35,6 +36,8 @@ NEIGHBOUR_GUARD_PX = 1.0
 MIN_COVERAGE = 0.7
 """A lead is NaN when less than this share of its span was read from ink."""
 MIN_CONFIDENCE = 0.35
+SPREAD_PX = 2.0
+"""Width (px) over which points read at one column (a spike's strokes) are spread in x."""
 HUBER_MV = 0.08
 """Residual (mV) beyond which a limb lead's reading is down-weighted."""
 AGREE_MV = 0.12
@@ -68,6 +71,40 @@ def _fill_gaps(y: np.ndarray, max_gap: int) -> np.ndarray:
         if a > 0 and b < y.shape[0] and b - a <= max_gap:
             y[a:b] = filled[a:b]
     return y
+
+
+def spread_ties(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The trace's points with strictly increasing ``x``, so they can be interpolated.
+
+    On a narrow QRS spike the up- and down-strokes are read at one and the same column, so
+    many points in time order share an ``x``; interpolating over them would jump past the
+    tip. Each run of equal ``x`` is spread over ``SPREAD_PX`` about its column (never past
+    halfway to the neighbouring readings) in proportion to the pen's vertical travel (a
+    steep stroke is drawn at a near-constant pace), so a sample can land near the tip.
+    """
+    x = np.maximum.accumulate(np.asarray(xs, dtype=np.float64))
+    y = np.asarray(ys, dtype=np.float64)
+    if len(x) < 2:
+        return x, y
+    out = x.copy()
+    starts = np.flatnonzero(np.diff(x, prepend=x[0] - 1.0) > 0)
+    ends = np.append(starts[1:], len(x))
+    for a, b in zip(starts, ends, strict=True):
+        if b - a < 2:
+            continue
+        nxt = x[b] if b < len(x) else x[a] + 1.0
+        travel = np.abs(np.diff(y[a:min(b + 1, len(y))]))
+        if b == len(x):
+            travel = np.append(travel, 0.0)
+        cum = np.concatenate(([0.0], np.cumsum(travel)))[: b - a]
+        total = float(travel.sum())
+        frac = cum / total if total > 0 else np.arange(b - a) / (b - a)
+        prev = x[a - 1] if a > 0 else x[a] - 1.0
+        lo = max(x[a] - SPREAD_PX / 2, (prev + x[a]) / 2)
+        hi = min(x[a] + SPREAD_PX / 2, (x[a] + nxt) / 2)
+        out[a:b] = lo + (hi - lo) * frac
+    keep = np.concatenate(([True], np.diff(out) > 0))
+    return out[keep], y[keep]
 
 
 def _extrapolated(q: np.ndarray, xs: np.ndarray, ys: np.ndarray, guard: float,
@@ -110,7 +147,7 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
         sel = (trace.x >= lo) & (trace.x <= hi)
         if sel.sum() < 2:
             continue
-        xs, ys = trace.x[sel], trace.y[sel]
+        xs, ys = spread_ties(trace.x[sel], trace.y[sel])
         q = xq[i0:i1]
         inside = (q >= xs[0] - guard - 1) & (q <= xs[-1] + guard + 1)
         yq[i0:i1] = np.where(inside, _extrapolated(q, xs, ys, guard, 2.0 * trace.thickness), np.nan)
