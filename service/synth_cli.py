@@ -21,6 +21,7 @@ from pipeline.synthetic import (
     generation_rate,
 )
 from pipeline.synthetic import contact_sheet as make_contact_sheet
+from pipeline.synthetic.rate import MIN_WIDTH_PX
 from pipeline.synthetic.spec import GRID_COLORS, random_spec
 
 MIXED = "mixed"
@@ -149,7 +150,6 @@ def run_synth(contact_sheet: Path | None, out: Path | None, n: int, style: str, 
     return 0
 
 
-
 def run_speed(width: int | None, workers: int, n: int) -> int:
     """Entry point of ``cardioscan synth --speed``: a table of pages/s; returns the exit code."""
     from rich.console import Console
@@ -157,8 +157,9 @@ def run_speed(width: int | None, workers: int, n: int) -> int:
     from rich.table import Table
 
     width_px = TRAIN_WIDTH_PX if width is None else width
-    if n < 1 or workers < 1 or width_px < 64:
-        print("error: --n and --workers must be at least 1, --width at least 64", file=sys.stderr)
+    if n < 1 or workers < 1 or width_px < MIN_WIDTH_PX:
+        print(f"error: --n and --workers must be at least 1, --width at least {MIN_WIDTH_PX}",
+              file=sys.stderr)
         return 2
     with Progress(transient=True) as bar:
         task = bar.add_task(f"{n} pages per style, {width_px} px, {workers} processes",

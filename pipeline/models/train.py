@@ -50,6 +50,7 @@ from pipeline.models.series import track_rows
 from pipeline.models.unet import WAVEFORM, UNet, UNetConfig
 from pipeline.models.weights import config_to_dict, export, load, load_into, remove
 from pipeline.scoring import ImageScore, aggregate, score_image
+from pipeline.synthetic.rate import init_generator_worker
 
 Log = Callable[[dict[str, Any]], None]
 CARD_TEMPLATE = Path(__file__).resolve().parent / "MODEL_CARD.md"
@@ -354,9 +355,7 @@ def _load_state(d: dict[str, Any]) -> TrainState:
 
 
 def _worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
+    init_generator_worker()
     torch.set_num_threads(1)
 
 

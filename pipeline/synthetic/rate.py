@@ -1,8 +1,8 @@
 """How fast pages are generated: the figure that decides how many CPU cores training needs.
 
-Each worker process runs OpenCV on one thread, as the training data loader's workers do
-(``pipeline.models.train``), so the rate scales with processes rather than fighting over
-cores.
+Each worker process runs OpenCV on one thread (:func:`init_generator_worker`, which the
+training data loader's workers call too), so the rate scales with processes rather than
+fighting over cores.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ TRAIN_WIDTHS_PX = (1600, 2600)
 """Range of the training pictures' width (photos) or page width (scans, clean pages)."""
 TRAIN_WIDTH_PX = sum(TRAIN_WIDTHS_PX) // 2
 """The middle of that range: the width at which the generation rate is stated."""
+MIN_WIDTH_PX = 64
+"""Narrowest page the rate is measured at."""
 RATE_SEED_BASE = 4_000_000
 """Seeds of the pages timed; apart from the bench (1e6, 2e6), validation (3e6) and training."""
 
@@ -41,7 +43,8 @@ class GenerationRate:
         return 1.0 / sum(share[s] / r for s, r in self.per_style.items() if s in share)
 
 
-def _init_worker() -> None:
+def init_generator_worker() -> None:
+    """Run OpenCV on one thread in a page-generating worker process (one core each)."""
     import cv2
 
     cv2.setNumThreads(1)
@@ -55,10 +58,11 @@ def _generate(job: tuple[int, str, int]) -> None:
 def generation_rate(width_px: int = TRAIN_WIDTH_PX, workers: int = 2, n: int = 60,
                     progress: Callable[[str], None] | None = None) -> GenerationRate:
     """Time ``n`` pages of each style at ``width_px`` on ``workers`` processes."""
-    if n < 1 or workers < 1 or width_px < 64:
-        raise ValueError("need n >= 1, workers >= 1 and width_px >= 64")
+    if n < 1 or workers < 1 or width_px < MIN_WIDTH_PX:
+        raise ValueError(f"need n >= 1, workers >= 1 and width_px >= {MIN_WIDTH_PX}")
     rates: dict[str, float] = {}
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=init_generator_worker) as pool:
         pool.map(_generate, [(RATE_SEED_BASE - 1, "photo", width_px)] * workers)  # warm up
         for k, style in enumerate(STYLES):
             jobs = [(RATE_SEED_BASE + k * n + i, style, width_px) for i in range(n)]
