@@ -70,6 +70,21 @@ PERIODIC_PERCENTILE = 30.0
 """Percentile of the same-phase samples (six 5 mm periods either way) read as the grid."""
 GRID_PERIOD_MM = 5.0
 """Major grid pitch: the line pattern repeats with it."""
+LINE_PX_PER_MM = 2.0
+"""Resolution at which long straight lines (creases, scanner streaks) are looked for."""
+LINE_MIN_MM = 40.0
+"""Shortest straight piece of ink taken as part of a line: longer than any QRS stroke."""
+LINE_MAX_TILT_DEG = 10.0
+"""Lines further than this from vertical are not creases across the rows."""
+LINE_SPAN_SHARE = 0.7
+"""Share of the rows' height a line must cross to be erased: a crease or streak crosses
+the whole sheet, while QRS strokes of touching rows chain over two rows at most."""
+LINE_GRID_TOL = 0.12
+"""A line this close (share of 5 mm) to a whole number of 5 mm periods from another
+line is a grid line, left to the grid division."""
+LINE_STROKE_MM = 0.6
+"""Vertical extent from which ink near a line counts as the line (a trace crossing it
+horizontally is thinner and is kept)."""
 
 
 @dataclass
@@ -193,6 +208,73 @@ def ink_probability(image_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
         k = np.ones((2, 2), np.uint8)
         prob = cv2.dilate(cv2.erode(prob, k, anchor=(1, 1)), k, anchor=(0, 0))
     return prob
+
+
+def _crossing_lines(ink: np.ndarray, px_per_mm: float, top: int, bottom: int
+                    ) -> list[tuple[float, float]]:
+    """Near-vertical straight lines whose ink covers most of rows ``top..bottom``:
+    ``(x at top, dx per row)`` each.
+
+    A Hough accumulator at ~2 px/mm counts every ink pixel on a line, gaps or not,
+    and is deterministic; only lines within ``LINE_MAX_TILT_DEG`` of vertical are voted.
+    """
+    f = max(1, round(px_per_mm / LINE_PX_PER_MM))
+    sub = np.ascontiguousarray(ink[top:bottom])
+    pooled = cv2.dilate(sub.astype(np.uint8), np.ones((f, f), np.uint8))[::f, ::f]
+    votes = max(8, round(LINE_SPAN_SHARE * pooled.shape[0]))
+    tilt = np.radians(LINE_MAX_TILT_DEG)
+    lines: list[tuple[float, float]] = []
+    for lo, hi in ((0.0, tilt), (np.pi - tilt, np.pi)):
+        found = cv2.HoughLines(pooled * 255, 1, np.pi / 720, votes, min_theta=lo,
+                               max_theta=hi)
+        for rho, theta in ([] if found is None else found[:, 0].tolist()):
+            # rho = x cos(theta) + y sin(theta), in pooled pixels
+            c, s = np.cos(theta), np.sin(theta)
+            lines.append((rho * f / c, -s / c))
+    # grid lines repeat every 5 mm; a crease or a streak stands alone
+    period = GRID_PERIOD_MM * px_per_mm
+    mid = np.array([x + dx * 0.5 * (bottom - top) for x, dx in lines])
+    out = []
+    for (x, dx), m in zip(lines, mid, strict=True):
+        gaps = np.abs(mid - m)
+        gaps = gaps[gaps > 0.5 * period]  # not the same line found twice
+        if not np.any(np.abs(gaps - np.round(gaps / period) * period)
+                      <= LINE_GRID_TOL * period):
+            out.append((x, dx))
+    return out
+
+
+def erase_creases(prob: np.ndarray, px_per_mm: float, top: int, bottom: int
+                  ) -> np.ndarray:
+    """``prob`` without the straight lines that cross the rows (``top..bottom``).
+
+    A crease of a folded sheet, a scanner streak or a surviving grid line is a long,
+    straight, near-vertical line; a path search would climb it as a QRS. A line whose
+    ink covers most of the rows' height is erased where its ink is vertical over
+    ``LINE_STROKE_MM`` and no darker than the line itself, so a trace stroke lying on it
+    stays, and a trace crossing it keeps its pixels but for the crossing, which the
+    calibration stage interpolates as a short gap.
+    """
+    ink = prob >= RUN_LEVEL
+    top, bottom = max(0, top), min(prob.shape[0], bottom)
+    lines = _crossing_lines(ink, px_per_mm, top, bottom)
+    if not lines:
+        return prob
+    reach = max(2, round(0.5 * px_per_mm))
+    tall = max(3, round(LINE_STROKE_MM * px_per_mm))
+    vertical = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_OPEN,
+                                np.ones((tall, 1), np.uint8)) > 0
+    out = prob.copy()
+    for x_top, dx in lines:
+        band = np.zeros(prob.shape, np.uint8)
+        cv2.line(band, (round(x_top), top), (round(x_top + dx * (bottom - top)), bottom),
+                 1, 2 * reach + 1)
+        line = (band > 0) & vertical
+        if not line.any():
+            continue
+        level = max(RUN_LEVEL, 1.25 * float(np.median(prob[line])))
+        out[line & (prob <= level)] = 0.0
+    return out
 
 
 def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST,
@@ -619,6 +701,8 @@ def extract(prob: np.ndarray, rows: list[RowSpec], px_per_mm: float,
                     (max(0, r.xs[0]), min(w, r.xs[1])), r.pitch, r.cuts) for r in rows]
     if any(r.band[1] - r.band[0] < 3 or r.xs[1] - r.xs[0] < 3 for r in rows):
         raise DigitizationError("a trace row lies outside the page")
+    prob = erase_creases(prob, px_per_mm, min(r.band[0] for r in rows),
+                         max(r.band[1] for r in rows))
     half_bands = []
     for i, r in enumerate(rows):
         half_up = 0.5 * (r.baseline - rows[i - 1].baseline) if i > 0 else r.pitch

@@ -5,7 +5,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.traces import RowSpec, extract, ink_probability, trace_thickness, viterbi_path
+from pipeline.traces import (
+    RowSpec,
+    erase_creases,
+    extract,
+    ink_probability,
+    trace_thickness,
+    viterbi_path,
+)
 
 PPM = 8.0
 SHIFT = 4
@@ -94,3 +101,37 @@ def test_a_neighbour_rows_spike_does_not_capture_the_path() -> None:
     assert float(np.mean(off > 3.0)) < 0.03
     # the upper row keeps its spike, which reaches 30 px from the lower baseline
     assert float(got[0].y.max()) > 225.0
+
+
+def _three_rows(img: np.ndarray, xs: np.ndarray) -> list[np.ndarray]:
+    ys = [_beat_signal(xs, base) for base in (130.0, 260.0, 390.0)]
+    for y in ys:
+        _draw(img, xs, y)
+    return ys
+
+
+def test_a_crease_across_the_rows_is_not_read_as_a_qrs() -> None:
+    img = _page(h=460)
+    xs = np.arange(20, 880, 0.1)
+    truth = _three_rows(img, xs)
+    cv2.line(img, (600, 0), (606, 459), (150, 150, 150), 2, cv2.LINE_AA)  # fold, grey
+    prob = ink_probability(img, PPM)
+    rows = [RowSpec(b, (max(0, int(b) - 120), min(460, int(b) + 120)), (30, 870), 130.0)
+            for b in (130.0, 260.0, 390.0)]
+    got = extract(prob, rows, PPM)
+    near = (xs > 585) & (xs < 620)  # between beats
+    for trace, want in zip(got, truth, strict=True):
+        y = np.interp(xs[near], trace.x, trace.y)
+        assert float(np.max(np.abs(y - want[near]))) < 3.0
+
+
+def test_crease_eraser_keeps_strokes_grid_lines_and_short_lines() -> None:
+    prob = np.zeros((460, 900), np.float32)
+    prob[200:320, 100:102] = 1.0  # a QRS-long vertical stroke: kept
+    for x in range(300, 900, 40):  # periodic 5 mm grid lines: left to the grid stage
+        prob[:, x] = 0.5
+    prob[:, 640:642] = 0.45  # an isolated line across every row, off the grid: erased
+    out = erase_creases(prob, PPM, 0, 460)
+    assert (out[200:320, 100:102] == 1.0).all()
+    assert (out[:, 300] == 0.5).all()
+    assert float(out[:, 640:642].max()) == 0.0
