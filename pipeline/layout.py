@@ -60,6 +60,9 @@ MIN_PULSE_MM = 3.8
 """Shorter "pulses" are letters (a serif II); the smallest standard pulse is 5 mm."""
 DEFAULT_SPEED_MM_S = 25.0
 DEFAULT_GAIN_MM_MV = 10.0
+PHANTOM_OVERRUN_MM = 5.0
+"""An end row without the pulse the other rows print, whose ink starts or ends this much
+beyond theirs, is a paper edge or a ruled line, not a trace row."""
 SEPARATOR_MIN_MM = 2.5
 """A lead separator tick is a vertical stroke at least this long across the baseline."""
 SEPARATOR_SHARE = 0.6
@@ -481,6 +484,32 @@ def _snap(value: float, choices: tuple[float, ...], tol: float) -> float | None:
     return best if abs(np.log(value / best)) <= np.log1p(tol) else None
 
 
+def _without_phantom_ends(picked: list[_RowCandidate], baselines: list[float],
+                          pulses: list[Pulse], ppm: float
+                          ) -> tuple[list[_RowCandidate], list[float], list[Pulse]]:
+    """The rows without a first or last one that is not a trace row.
+
+    Evenly spaced rows are accepted as they are found, so the shadow of the paper's
+    edge or a ruled line one row pitch beyond the trace rows can pass as a row. Such a
+    row has no calibration pulse where the others have one, and its ink runs on past
+    theirs (:data:`PHANTOM_OVERRUN_MM`); it is dropped when the rest is still a layout.
+    """
+    pulsed = {p.row for p in pulses}
+    if len(pulsed) < 2:
+        return picked, baselines, pulses
+    x0 = float(np.median([picked[r].x0 for r in pulsed]))
+    x1 = float(np.median([picked[r].x1 for r in pulsed]))
+    over = PHANTOM_OVERRUN_MM * ppm
+    drop = {end for end in (0, len(picked) - 1)
+            if end not in pulsed and (picked[end].x0 < x0 - over or picked[end].x1 > x1 + over)}
+    if not drop or len(picked) - len(drop) not in ROW_COUNTS:
+        return picked, baselines, pulses
+    keep = [i for i in range(len(picked)) if i not in drop]
+    new_index = {old: new for new, old in enumerate(keep)}
+    return ([picked[i] for i in keep], [baselines[i] for i in keep],
+            [replace(p, row=new_index[p.row]) for p in pulses])
+
+
 def detect_layout(prob: np.ndarray, px_per_mm: float, thickness: float) -> PageLayout:
     """Rows, layout, pulses, paper speed, gain and the time axis of a rectified page."""
     ppm = px_per_mm
@@ -502,6 +531,8 @@ def detect_layout(prob: np.ndarray, px_per_mm: float, thickness: float) -> PageL
             pulses.append(p)
 
     pulses = _agreeing(pulses)
+    picked, baselines, pulses = _without_phantom_ends(picked, baselines, pulses, ppm)
+    pitch = float(np.median(np.diff(baselines)))
     speed, gain = DEFAULT_SPEED_MM_S, DEFAULT_GAIN_MM_MV
     if pulses:
         h = float(np.median([p.height_mm for p in pulses]))

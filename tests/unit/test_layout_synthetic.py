@@ -76,3 +76,23 @@ def test_time_axis_starts_where_the_trace_starts() -> None:
     got = _read_layout(page)
     first_x = min(float(path[0, 0]) for path in page.trace_paths.values())
     assert abs(got.x_start - first_x) < 0.5 * page.px_per_mm
+
+
+def test_a_paper_edge_one_row_pitch_above_is_not_a_row() -> None:
+    """The shadow of the sheet's edge, evenly spaced with the rows, has no pulse and runs
+    past the rows' ends: a 3x4 page stays 3x4."""
+    page = generate_page(4, "clean", spec=PageSpec(layout=Layout.THREE_BY_FOUR, dpi=150.0,
+                                                   grid_color="red", gain_mm_mv=10.0))
+    prob = ink_probability(page.image, page.px_per_mm)
+    rows = detect_layout(prob, page.px_per_mm, trace_thickness(prob, page.px_per_mm)).rows
+    pitch = rows[1].baseline - rows[0].baseline
+    edge = round(rows[0].baseline - pitch)
+    assert edge > 2
+    image = page.image.copy()
+    image[edge - 2:edge + 3, :] = 60  # a dark, slightly ragged band across the sheet
+    image[edge - 4:edge - 2, ::7] = 60
+    image[edge + 3:edge + 6, ::5] = 60
+    prob = ink_probability(image, page.px_per_mm)
+    got = detect_layout(prob, page.px_per_mm, trace_thickness(prob, page.px_per_mm))
+    assert got.layout == Layout.THREE_BY_FOUR
+    assert np.allclose([r.baseline for r in got.rows], [r.baseline for r in rows], atol=2.0)
