@@ -33,6 +33,9 @@ MAX_GAP_S = 0.04
 NEIGHBOUR_GUARD_PX = 1.0
 """Columns next to a lead boundary left to the neighbour when no separator is printed
 (the path restarts at the boundary, so only a merged pen cap can mislead there)."""
+START_GUARD_PX = 2.0
+"""Columns at the start of a row left out of its first lead: the calibration pulse's
+falling edge ends there, and read as trace it makes a spike at 0 s."""
 MIN_COVERAGE = 0.7
 """A lead is NaN when less than this share of its span was read from ink."""
 MIN_CONFIDENCE = 0.35
@@ -130,8 +133,9 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
 
     Each of the row's ``k`` leads is read from its own stretch only: the columns within
     a pixel of a lead boundary may hold the neighbour's pen cap, and within a pen width
-    the separator tick when the page prints one, so a lead's first and last samples
-    continue the line of its nearest readings inside its stretch.
+    the separator tick when the page prints one, and the row's first columns the
+    pulse's falling edge, so a lead's first and last samples continue the line of its
+    nearest readings inside its stretch.
     """
     t = np.arange(n) / fs
     xq = layout.x_start + t * layout.px_per_s
@@ -142,7 +146,7 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
         i0, i1 = round(c * n / k), round((c + 1) * n / k)
         xa = layout.x_start + i0 / fs * layout.px_per_s
         xb = layout.x_start + i1 / fs * layout.px_per_s
-        lo = xa + (guard if c > 0 else -guard)
+        lo = xa + (guard if c > 0 else START_GUARD_PX)
         hi = xb - (guard if c < k - 1 else -guard)
         sel = (trace.x >= lo) & (trace.x <= hi)
         if sel.sum() < 2:

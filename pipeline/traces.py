@@ -452,6 +452,19 @@ def _column_runs(prob: np.ndarray, ink: np.ndarray, path: np.ndarray,
                  conf.astype(np.float64), ok)
 
 
+def _beside(r: _Runs, x: int, step: int, thickness: float) -> float:
+    """Centre of the nearest column before (``step`` -1) or after (+1) ``x`` whose run
+    does not span ``x``'s whole run (a thick pen merges an RS complex over several
+    columns); NaN if there is none within a few pens."""
+    w = r.ok.shape[0]
+    for k in range(x + step, x + step * (3 + int(3 * thickness)), step):
+        if not 0 <= k < w or not r.ok[k]:
+            break
+        if r.lo_edge[k] > r.lo_edge[x] + thickness or r.hi_edge[k] < r.hi_edge[x] - thickness:
+            return float(r.centre[k])
+    return float("nan")
+
+
 def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray]:
     """Columns holding an upward / downward tip: a long run beyond both neighbours'."""
     w = r.ok.shape[0]
@@ -464,10 +477,16 @@ def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray]:
             continue
         u = r.lo_edge[x] < r.lo_edge[x - 1] and r.lo_edge[x] <= r.lo_edge[x + 1]
         d = r.hi_edge[x] > r.hi_edge[x - 1] and r.hi_edge[x] >= r.hi_edge[x + 1]
-        if u and d:  # both in one column: keep the larger excursion
-            ref = 0.5 * (r.centre[x - 1] + r.centre[x + 1])
-            u = ref - r.lo_edge[x] >= r.hi_edge[x] - ref
-            d = not u
+        if u and d:
+            # both in one column: the R's and the S's tips on one stroke when the
+            # neighbours lie at its opposite ends (R before, S after, or S then R);
+            # else one narrow spike, whose larger excursion is the tip
+            before = _beside(r, x, -1, thickness) - r.centre[x]
+            after = _beside(r, x, 1, thickness) - r.centre[x]
+            if not (min(abs(before), abs(after)) > thickness and before * after < 0):
+                ref = 0.5 * (r.centre[x - 1] + r.centre[x + 1])
+                u = ref - r.lo_edge[x] >= r.hi_edge[x] - ref
+                d = not u
         up[x], down[x] = u, d
     return up, down
 
@@ -514,7 +533,10 @@ def _steep_points(prob: np.ndarray, ink: np.ndarray, r: _Runs, xa: int, xb: int,
     # vertices: flat entry, tips in time order, flat exit
     verts: list[tuple[float, float]] = [(float(good[0]), float(r.centre[good[0]]))]
     for x in good:
-        for is_tip, sign in ((up[x], -1), (down[x], 1)):
+        order = ((up[x], -1), (down[x], 1))
+        if up[x] and down[x] and _beside(r, x, -1, thickness) > _beside(r, x, 1, thickness):
+            order = order[::-1]  # coming up from below: the S tip is drawn first
+        for is_tip, sign in order:
             if not is_tip or x in (good[0], good[-1]):
                 continue
             row = (r.lo[x] if sign < 0 else r.hi[x]) - ymin

@@ -135,3 +135,17 @@ def test_crease_eraser_keeps_strokes_grid_lines_and_short_lines() -> None:
     assert (out[200:320, 100:102] == 1.0).all()
     assert (out[:, 300] == 0.5).all()
     assert float(out[:, 640:642].max()) == 0.0
+
+
+def test_an_r_and_an_s_tip_on_one_column_are_both_kept() -> None:
+    """A narrow RS complex drawn with a wide pen: the R's and the S's tips share the
+    same columns, and the trace must reach both, not only the larger one."""
+    img = _page(h=400)
+    xs = np.array([20.0, 297.2, 300.2, 300.6, 303.6, 880.0])
+    ys = np.array([200.0, 200.0, 130.0, 290.0, 200.0, 200.0])  # R 70 px up, S 90 px down
+    _draw(img, xs, ys, 3)
+    prob = ink_probability(img, PPM)
+    got = extract(prob, [RowSpec(200.0, (0, 400), (30, 870), 200.0)], PPM)[0]
+    near = (got.x > 290) & (got.x < 310)
+    assert float(got.y[near].min()) < 136.0
+    assert float(got.y[near].max()) > 284.0
