@@ -14,11 +14,14 @@ an engine swaps in by handing its own map to the same calls::
 Each row's trace is found by a global path search (Viterbi over columns, all rows in
 one pass). A step from column ``x-1`` at height ``y1`` to column ``x`` at ``y2`` costs
 the *non-ink* along the vertical run ``(y1, y2]`` of column ``x`` plus a small
-``SLOPE_COST`` per pixel, so a steep QRS stroke that is inked all the way is cheap, a
+``SLOPE_COST`` per pixel, so a steep QRS stroke that is inked all the way is cheap (a
+pixel inside an ink run, weak or in a short break, costs at most ``RUN_COST``), a
 jump across blank paper is dear, and a thin diagonal line costs nothing. The minimum over
 all ``y1`` of that run cost is a 1-D distance transform, computed in O(H) per column with
 two running minima. Bands reach to the neighbour rows' baselines so a tall R wave is
 followed; a first pass with half-way bands tells each row which ink its neighbours own.
+Before the search, straight lines crossing the rows (a crease, a scanner streak) are
+erased (:func:`erase_creases`).
 
 The path only picks which ink run of each column is the row's. The centre line is then
 read with sub-pixel precision: a column's run centroid on gentle stretches (the centre
@@ -50,6 +53,10 @@ stroke on a phone photo) is still one run."""
 PATH_FULL_INK = 0.4
 """Probability from which the path search treats a pixel as fully inked: a thin, faint
 QRS stroke costs no more to climb than a bold one, so the path does not cut the spike."""
+RUN_COST = 0.2
+"""Path cost, at most, of a pixel inside an ink run (weak ink and the short breaks the
+run closes): a faint, broken S stroke on a photo is cheaper to follow down and back
+than cutting across the few blank columns under its tip."""
 SLOPE_COST = 0.001
 """Cost per pixel of vertical movement, on top of the non-ink along the run."""
 BASELINE_PULL = 0.15
@@ -637,6 +644,7 @@ def _band_arrays(prob: np.ndarray, band: tuple[int, int], xs: tuple[int, int],
     ink = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_CLOSE,
                            np.ones((RUN_GAP_PX, 1), np.uint8)).astype(bool)
     cost = 1.0 - np.clip(sub / PATH_FULL_INK, 0.0, 1.0)
+    cost = np.where(ink, np.minimum(cost, RUN_COST), cost)
     if blocked is not None:
         ink &= ~blocked
         cost = np.where(blocked, np.maximum(cost, OTHER_ROW_COST), cost)

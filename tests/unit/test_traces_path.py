@@ -149,3 +149,19 @@ def test_an_r_and_an_s_tip_on_one_column_are_both_kept() -> None:
     near = (got.x > 290) & (got.x < 310)
     assert float(got.y[near].min()) < 136.0
     assert float(got.y[near].max()) > 284.0
+
+
+def test_a_broken_s_wave_is_followed_down() -> None:
+    """A deep S wave whose stroke is broken every few pixel rows (a phone photo's thin
+    pen) costs less to follow down and back than the blank columns under it."""
+    prob = np.zeros((420, 900), np.float32)
+    cv2.line(prob, (20, 200), (294, 200), 1.0, 3)
+    cv2.line(prob, (308, 200), (880, 200), 1.0, 3)
+    stroke = np.zeros_like(prob)
+    pts = np.array([[294, 200], [300, 330], [302, 330], [308, 200]], np.int32)
+    cv2.polylines(stroke, [pts], False, 1.0, 3)  # an S wave 130 px deep
+    stroke[np.arange(420) % 7 == 0, :] = 0.0  # broken every seventh pixel row
+    prob = np.maximum(prob, stroke)
+    got = extract(prob, [RowSpec(200.0, (0, 420), (30, 870), 200.0)], PPM, thickness=3.0)[0]
+    near = (got.x > 290) & (got.x < 316)
+    assert float(got.y[near].max()) > 290.0  # cutting across reaches 250 only
