@@ -2,7 +2,8 @@
 # Install the Debian packages the integration tests use as real peers, if missing.
 set -euo pipefail
 need=()
-command -v storescu >/dev/null || need+=(dcmtk)
+# dcmtk's own binary: pynetdicom puts a storescu of its own in the virtual environment
+[ -x /usr/bin/storescu ] || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
 command -v chromium >/dev/null || need+=(chromium)
 command -v node >/dev/null || need+=(nodejs)

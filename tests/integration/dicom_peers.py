@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,12 @@ STARTUP_TIMEOUT_S = 30.0
 
 
 def require(binary: str, package: str) -> str:
-    path = shutil.which(binary)
+    """The system's ``binary`` (dcmtk's, Orthanc's), never a same-named console script in
+    the virtual environment: pynetdicom 3 installs its own storescu and echoscu there."""
+    venv_bin = Path(sys.prefix, "bin").resolve()
+    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                             if p and Path(p).resolve() != venv_bin)
+    path = shutil.which(binary, path=search)
     if path is None:
         pytest.skip(f"{binary} is not installed (Debian package {package}; `make system-deps`)")
     return path
