@@ -16,7 +16,9 @@ one pass). A step from column ``x-1`` at height ``y1`` to column ``x`` at ``y2``
 the *non-ink* along the vertical run ``(y1, y2]`` of column ``x`` plus a small
 ``SLOPE_COST`` per pixel, so a steep QRS stroke that is inked all the way is cheap (a
 pixel inside an ink run, weak or in a short break, costs at most ``RUN_COST``), a
-jump across blank paper is dear, and a thin diagonal line costs nothing. The minimum over
+jump across blank paper is dear, and a thin diagonal line costs nothing; each column the
+path spends on blank paper costs ``BLANK_COLUMN_COST`` more, so it does not pass under a
+narrow, deep wave. The minimum over
 all ``y1`` of that run cost is a 1-D distance transform, computed in O(H) per column with
 two running minima. Bands reach to the neighbour rows' baselines so a tall R wave is
 followed; a first pass with half-way bands tells each row which ink its neighbours own.
@@ -57,6 +59,10 @@ RUN_COST = 0.2
 """Path cost, at most, of a pixel inside an ink run (weak ink and the short breaks the
 run closes): a faint, broken S stroke on a photo is cheaper to follow down and back
 than cutting across the few blank columns under its tip."""
+BLANK_COLUMN_COST = 4.0
+"""Extra cost, per column, of the path lying on blank paper (a share of it on weak ink):
+passing under a narrow, deep S or R wave must cost more than following its strokes down
+and back, whose breaks and faint pixels add up over their height."""
 SLOPE_COST = 0.001
 """Cost per pixel of vertical movement, on top of the non-ink along the run."""
 BASELINE_PULL = 0.15
@@ -285,7 +291,8 @@ def erase_creases(prob: np.ndarray, px_per_mm: float, top: int, bottom: int
 
 
 def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST,
-                 restarts: np.ndarray | None = None) -> np.ndarray:
+                 restarts: np.ndarray | None = None, arrive: np.ndarray | None = None
+                 ) -> np.ndarray:
     """Minimum-cost path through ``cost`` (W, H): one row index per column.
 
     The cost of moving from ``y1`` at column ``x-1`` to ``y2`` at column ``x`` is the
@@ -293,19 +300,24 @@ def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST,
     staying) plus ``slope_cost * |y2 - y1|``. At a column where ``restarts`` (W,) is
     true the path may start afresh at any height for free: a lead boundary, where the
     printer lifts the pen and the next lead starts at its own first value.
+    ``arrive`` (W, H), if given, is added for the height the path takes at each column,
+    on top of the run cost.
     """
     return viterbi_paths(cost[None], slope_cost,
-                         None if restarts is None else restarts[None])[0]
+                         None if restarts is None else restarts[None],
+                         None if arrive is None else arrive[None])[0]
 
 
 def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST,
-                  restarts: np.ndarray | None = None) -> np.ndarray:
+                  restarts: np.ndarray | None = None,
+                  arrive: np.ndarray | None = None) -> np.ndarray:
     """:func:`viterbi_path` for a stack of bands (R, W, H) at once -> (R, W).
 
     The minimum over all predecessors of the run cost is a distance transform: with
     ``C'`` the cumulative cost plus the slope term, coming down from ``y1 < y2`` costs
     ``C'(y2) - C'(y1)`` and going up costs ``(C'(y1) - c(y1)) - (C'(y2) - c(y2))``, so
     two running minima per column give the best predecessor for every ``y2``.
+    ``arrive`` (R, W, H) is as in :func:`viterbi_path`.
     """
     rr, w, h = cost.shape
     idx = np.arange(h)
@@ -346,6 +358,8 @@ def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST,
             start = np.argmin(acc_prev[r], axis=1)
             acc[r] = acc_prev[r, start][:, None] + c[r]
             choice[r] = start[:, None]
+        if arrive is not None:
+            acc = acc + arrive[:, x]
         back[:, x] = choice
     paths = np.empty((rr, w), dtype=np.int64)
     paths[:, -1] = np.argmin(acc, axis=1)
@@ -671,7 +685,8 @@ def _follow(prob: np.ndarray, bands: list[tuple[int, int]], specs: list[RowSpec]
         for cut in s.cuts:
             if s.xs[0] < cut < s.xs[1]:
                 restarts[i, cut - s.xs[0]] = True
-    paths = viterbi_paths(stack, restarts=restarts)
+    paths = viterbi_paths(stack, restarts=restarts,
+                          arrive=BLANK_COLUMN_COST * np.minimum(stack, 1.0))
     out = []
     for i, ((p_t, ink_t, c), band, s) in enumerate(zip(arrays, bands, specs, strict=True)):
         top = band[0]

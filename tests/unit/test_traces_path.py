@@ -165,3 +165,17 @@ def test_a_broken_s_wave_is_followed_down() -> None:
     got = extract(prob, [RowSpec(200.0, (0, 420), (30, 870), 200.0)], PPM, thickness=3.0)[0]
     near = (got.x > 290) & (got.x < 316)
     assert float(got.y[near].max()) > 290.0  # cutting across reaches 250 only
+
+
+def test_a_faint_deep_s_wave_is_not_passed_under() -> None:
+    """Following a faint S wave 130 px down and back costs more ink than the blank columns
+    under it; the extra cost of a blank column keeps the path on the wave."""
+    prob = np.zeros((420, 900), np.float32)
+    cv2.line(prob, (20, 200), (290, 200), 1.0, 3)
+    cv2.line(prob, (312, 200), (880, 200), 1.0, 3)
+    pts = np.array([[290, 200], [300, 330], [302, 330], [312, 200]], np.int32)
+    stroke = np.zeros_like(prob)
+    cv2.polylines(stroke, [pts], False, 0.25, 3)  # faint: weak ink all the way
+    prob = np.maximum(prob, stroke)
+    got = extract(prob, [RowSpec(200.0, (0, 420), (30, 870), 200.0)], PPM, thickness=3.0)[0]
+    assert int(got.path[300 - got.x0]) > 290  # the path goes down the wave
