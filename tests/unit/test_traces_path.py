@@ -151,17 +151,25 @@ def test_an_r_and_an_s_tip_on_one_column_are_both_kept() -> None:
     assert float(got.y[near].max()) > 284.0
 
 
+def _deep_s_wave(level: float, break_every: int | None, x0: int, x1: int) -> np.ndarray:
+    """A baseline at y=200 with an S wave 130 px deep between ``x0`` and ``x1``, drawn at
+    probability ``level`` and broken every ``break_every`` pixel rows."""
+    prob = np.zeros((420, 900), np.float32)
+    cv2.line(prob, (20, 200), (x0, 200), 1.0, 3)
+    cv2.line(prob, (x1, 200), (880, 200), 1.0, 3)
+    mid = (x0 + x1) // 2
+    stroke = np.zeros_like(prob)
+    pts = np.array([[x0, 200], [mid - 1, 330], [mid + 1, 330], [x1, 200]], np.int32)
+    cv2.polylines(stroke, [pts], False, level, 3)
+    if break_every:
+        stroke[np.arange(420) % break_every == 0, :] = 0.0
+    return np.maximum(prob, stroke)
+
+
 def test_a_broken_s_wave_is_followed_down() -> None:
     """A deep S wave whose stroke is broken every few pixel rows (a phone photo's thin
     pen) costs less to follow down and back than the blank columns under it."""
-    prob = np.zeros((420, 900), np.float32)
-    cv2.line(prob, (20, 200), (294, 200), 1.0, 3)
-    cv2.line(prob, (308, 200), (880, 200), 1.0, 3)
-    stroke = np.zeros_like(prob)
-    pts = np.array([[294, 200], [300, 330], [302, 330], [308, 200]], np.int32)
-    cv2.polylines(stroke, [pts], False, 1.0, 3)  # an S wave 130 px deep
-    stroke[np.arange(420) % 7 == 0, :] = 0.0  # broken every seventh pixel row
-    prob = np.maximum(prob, stroke)
+    prob = _deep_s_wave(1.0, 7, 294, 308)
     got = extract(prob, [RowSpec(200.0, (0, 420), (30, 870), 200.0)], PPM, thickness=3.0)[0]
     near = (got.x > 290) & (got.x < 316)
     assert float(got.y[near].max()) > 290.0  # cutting across reaches 250 only
@@ -170,12 +178,6 @@ def test_a_broken_s_wave_is_followed_down() -> None:
 def test_a_faint_deep_s_wave_is_not_passed_under() -> None:
     """Following a faint S wave 130 px down and back costs more ink than the blank columns
     under it; the extra cost of a blank column keeps the path on the wave."""
-    prob = np.zeros((420, 900), np.float32)
-    cv2.line(prob, (20, 200), (290, 200), 1.0, 3)
-    cv2.line(prob, (312, 200), (880, 200), 1.0, 3)
-    pts = np.array([[290, 200], [300, 330], [302, 330], [312, 200]], np.int32)
-    stroke = np.zeros_like(prob)
-    cv2.polylines(stroke, [pts], False, 0.25, 3)  # faint: weak ink all the way
-    prob = np.maximum(prob, stroke)
+    prob = _deep_s_wave(0.25, None, 290, 312)
     got = extract(prob, [RowSpec(200.0, (0, 420), (30, 870), 200.0)], PPM, thickness=3.0)[0]
     assert int(got.path[300 - got.x0]) > 290  # the path goes down the wave
