@@ -484,6 +484,11 @@ def _snap(value: float, choices: tuple[float, ...], tol: float) -> float | None:
     return best if abs(np.log(value / best)) <= np.log1p(tol) else None
 
 
+def _row_pitch(rows: list[_RowCandidate]) -> float:
+    """Median spacing (px) of the rows found."""
+    return float(np.median(np.diff([c.y for c in rows])))
+
+
 def _without_phantom_ends(picked: list[_RowCandidate], baselines: list[float],
                           pulses: list[Pulse], ppm: float
                           ) -> tuple[list[_RowCandidate], list[float], list[Pulse]]:
@@ -515,9 +520,7 @@ def detect_layout(prob: np.ndarray, px_per_mm: float, thickness: float) -> PageL
     ppm = px_per_mm
     cands, cov = find_rows(prob, ppm)
     picked = _pick_rows(cands, cov, ppm)
-    ys = np.array([c.y for c in picked])
-    gaps = np.diff(ys)
-    pitch = float(np.median(gaps))
+    pitch = _row_pitch(picked)
     warnings: list[str] = []
     baselines = []
     for c in picked:
@@ -532,7 +535,7 @@ def detect_layout(prob: np.ndarray, px_per_mm: float, thickness: float) -> PageL
 
     pulses = _agreeing(pulses)
     picked, baselines, pulses = _without_phantom_ends(picked, baselines, pulses, ppm)
-    pitch = float(np.median(np.diff(baselines)))
+    pitch = _row_pitch(picked)
     speed, gain = DEFAULT_SPEED_MM_S, DEFAULT_GAIN_MM_MV
     if pulses:
         h = float(np.median([p.height_mm for p in pulses]))
