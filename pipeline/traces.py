@@ -291,7 +291,7 @@ def erase_creases(prob: np.ndarray, px_per_mm: float, top: int, bottom: int
 
 
 def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST,
-                 restarts: np.ndarray | None = None, arrive: np.ndarray | None = None
+                 restarts: np.ndarray | None = None, blank_cost: float = 0.0
                  ) -> np.ndarray:
     """Minimum-cost path through ``cost`` (W, H): one row index per column.
 
@@ -300,24 +300,24 @@ def viterbi_path(cost: np.ndarray, slope_cost: float = SLOPE_COST,
     staying) plus ``slope_cost * |y2 - y1|``. At a column where ``restarts`` (W,) is
     true the path may start afresh at any height for free: a lead boundary, where the
     printer lifts the pen and the next lead starts at its own first value.
-    ``arrive`` (W, H), if given, is added for the height the path takes at each column,
-    on top of the run cost.
+    The height the path takes at each column costs ``blank_cost`` times its own cost
+    (capped at 1) on top of that: a column spent on blank paper is dearer than a pixel
+    of blank crossed on the way.
     """
     return viterbi_paths(cost[None], slope_cost,
-                         None if restarts is None else restarts[None],
-                         None if arrive is None else arrive[None])[0]
+                         None if restarts is None else restarts[None], blank_cost)[0]
 
 
 def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST,
                   restarts: np.ndarray | None = None,
-                  arrive: np.ndarray | None = None) -> np.ndarray:
+                  blank_cost: float = 0.0) -> np.ndarray:
     """:func:`viterbi_path` for a stack of bands (R, W, H) at once -> (R, W).
 
     The minimum over all predecessors of the run cost is a distance transform: with
     ``C'`` the cumulative cost plus the slope term, coming down from ``y1 < y2`` costs
     ``C'(y2) - C'(y1)`` and going up costs ``(C'(y1) - c(y1)) - (C'(y2) - c(y2))``, so
     two running minima per column give the best predecessor for every ``y2``.
-    ``arrive`` (R, W, H) is as in :func:`viterbi_path`.
+    ``blank_cost`` is as in :func:`viterbi_path`.
     """
     rr, w, h = cost.shape
     idx = np.arange(h)
@@ -358,8 +358,8 @@ def viterbi_paths(cost: np.ndarray, slope_cost: float = SLOPE_COST,
             start = np.argmin(acc_prev[r], axis=1)
             acc[r] = acc_prev[r, start][:, None] + c[r]
             choice[r] = start[:, None]
-        if arrive is not None:
-            acc = acc + arrive[:, x]
+        if blank_cost:
+            acc = acc + blank_cost * np.minimum(c, 1.0)
         back[:, x] = choice
     paths = np.empty((rr, w), dtype=np.int64)
     paths[:, -1] = np.argmin(acc, axis=1)
@@ -486,11 +486,13 @@ def _beside(r: _Runs, x: int, step: int, thickness: float) -> float:
     return float("nan")
 
 
-def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray]:
-    """Columns holding an upward / downward tip: a long run beyond both neighbours'."""
+def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Columns holding an upward / downward tip: a long run beyond both neighbours'; and
+    the columns holding both where the downward (S) tip is drawn first."""
     w = r.ok.shape[0]
     up = np.zeros(w, bool)
     down = np.zeros(w, bool)
+    s_first = np.zeros(w, bool)
     for x in range(1, w - 1):
         if not (r.ok[x - 1] and r.ok[x] and r.ok[x + 1]):
             continue
@@ -508,13 +510,15 @@ def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray]:
                 ref = 0.5 * (r.centre[x - 1] + r.centre[x + 1])
                 u = ref - r.lo_edge[x] >= r.hi_edge[x] - ref
                 d = not u
+            else:
+                s_first[x] = before > 0  # coming up from below
         up[x], down[x] = u, d
-    return up, down
+    return up, down, s_first
 
 
 def _steep_points(prob: np.ndarray, ink: np.ndarray, r: _Runs, xa: int, xb: int,
-                  thickness: float, up: np.ndarray, down: np.ndarray
-                  ) -> tuple[list[float], list[float]]:
+                  thickness: float, up: np.ndarray, down: np.ndarray,
+                  s_first: np.ndarray) -> tuple[list[float], list[float]]:
     """Centre-line points of a steep stretch (columns ``xa..xb``), scanned along rows.
 
     On a QRS a column holds many heights, so the curve is read the other way round.
@@ -555,9 +559,7 @@ def _steep_points(prob: np.ndarray, ink: np.ndarray, r: _Runs, xa: int, xb: int,
     verts: list[tuple[float, float]] = [(float(good[0]), float(r.centre[good[0]]))]
     for x in good:
         order = ((up[x], -1), (down[x], 1))
-        if up[x] and down[x] and _beside(r, x, -1, thickness) > _beside(r, x, 1, thickness):
-            order = order[::-1]  # coming up from below: the S tip is drawn first
-        for is_tip, sign in order:
+        for is_tip, sign in (order[::-1] if s_first[x] else order):
             if not is_tip or x in (good[0], good[-1]):
                 continue
             row = (r.lo[x] if sign < 0 else r.hi[x]) - ymin
@@ -617,7 +619,7 @@ def _curve(prob: np.ndarray, ink: np.ndarray, r: _Runs, thickness: float,
     separate strokes.
     """
     w = r.ok.shape[0]
-    up, down = _tips(r, thickness)
+    up, down, s_first = _tips(r, thickness)
     steep = r.ok & (r.hi_edge - r.lo_edge > 2.5 * thickness + 1.0)
     steep = np.asarray(maximum_filter1d(steep.astype(np.uint8), size=3) > 0) & r.ok
     if restarts is not None:
@@ -627,7 +629,8 @@ def _curve(prob: np.ndarray, ink: np.ndarray, r: _Runs, thickness: float,
     d = np.diff(np.concatenate(([0], steep.astype(np.int8), [0])))
     in_span = np.zeros(w, bool)
     for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1, strict=True):
-        sx, sy = _steep_points(prob, ink, r, int(a), int(b), thickness, up, down)
+        sx, sy = _steep_points(prob, ink, r, int(a), int(b), thickness, up, down,
+                               s_first)
         if sx:
             px.extend(sx)
             py.extend(sy)
@@ -685,8 +688,7 @@ def _follow(prob: np.ndarray, bands: list[tuple[int, int]], specs: list[RowSpec]
         for cut in s.cuts:
             if s.xs[0] < cut < s.xs[1]:
                 restarts[i, cut - s.xs[0]] = True
-    paths = viterbi_paths(stack, restarts=restarts,
-                          arrive=BLANK_COLUMN_COST * np.minimum(stack, 1.0))
+    paths = viterbi_paths(stack, restarts=restarts, blank_cost=BLANK_COLUMN_COST)
     out = []
     for i, ((p_t, ink_t, c), band, s) in enumerate(zip(arrays, bands, specs, strict=True)):
         top = band[0]
