@@ -83,8 +83,7 @@ def test_a_paper_edge_one_row_pitch_above_is_not_a_row() -> None:
     past the rows' ends: a 3x4 page stays 3x4."""
     page = generate_page(4, "clean", spec=PageSpec(layout=Layout.THREE_BY_FOUR, dpi=150.0,
                                                    grid_color="red", gain_mm_mv=10.0))
-    prob = ink_probability(page.image, page.px_per_mm)
-    rows = detect_layout(prob, page.px_per_mm, trace_thickness(prob, page.px_per_mm)).rows
+    rows = _read_layout(page).rows
     pitch = rows[1].baseline - rows[0].baseline
     edge = round(rows[0].baseline - pitch)
     assert edge > 2
