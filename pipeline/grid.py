@@ -587,19 +587,44 @@ def _inside_mask(shape_hw: tuple[int, int], work_to_frame: np.ndarray,
     return m.astype(np.float32)
 
 
-def _frame_box(h_work_to_frame: np.ndarray, lattice: geometry.TileLattice, pad: float
-               ) -> tuple[float, float, float, float]:
-    """Bounding box, in a frame, of the tiles that showed the grid (plus ``pad``)."""
+def _edge_points(lattice: geometry.TileLattice, work_hw: tuple[int, int]) -> np.ndarray:
+    """Picture-edge points the grid reaches: for each tile that showed the grid too near
+    an edge for another tile to fit beyond it, its centre moved onto that edge.
+
+    Tiles are laid only where a whole one fits, so on a small picture cropped to the grid
+    (a web image of a print) up to a tile step at the edges (~20 mm at 3 px/mm, often a
+    whole trace row) is grid that no tile saw.
+    """
+    c = lattice.centers[lattice.valid]
+    reach = geometry.TILE / 2 + geometry.TILE_STEP
+    out = [np.empty((0, 2))]
+    for axis, size in ((0, work_hw[1]), (1, work_hw[0])):
+        for near, edge in ((c[:, axis] < reach, 0.0), (c[:, axis] > size - reach, size - 1.0)):
+            moved = c[near].copy()
+            moved[:, axis] = edge
+            out.append(moved)
+    return np.concatenate(out)
+
+
+def _frame_box(h_work_to_frame: np.ndarray, lattice: geometry.TileLattice, pad: float,
+               edges: np.ndarray) -> tuple[float, float, float, float]:
+    """Bounding box, in a frame, of the tiles that showed the grid (plus ``pad``) and of
+    the picture-edge points it reaches."""
     c = geometry.apply_homography(h_work_to_frame, lattice.centers[lattice.valid])
     lo = np.percentile(c, 0.5, axis=0) - pad
     hi = np.percentile(c, 99.5, axis=0) + pad
+    if len(edges):
+        e = geometry.apply_homography(h_work_to_frame, edges)
+        lo = np.minimum(lo, np.percentile(e, 0.5, axis=0))
+        hi = np.maximum(hi, np.percentile(e, 99.5, axis=0))
     return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
 
 
 def _framed(h_frame: np.ndarray, lattice: geometry.TileLattice, work_hw: tuple[int, int]
             ) -> tuple[np.ndarray, tuple[int, int]]:
     """Work px -> px of an image holding the grid's tiles, and that image's size (w, h)."""
-    x0, y0, x1, y1 = _frame_box(h_frame, lattice, geometry.TILE / 2)
+    x0, y0, x1, y1 = _frame_box(h_frame, lattice, geometry.TILE / 2,
+                                _edge_points(lattice, work_hw))
     # Keep the frame no larger than the work image's area allows (extreme perspective).
     area_scale = min(1.0, np.sqrt(4.0 * work_hw[0] * work_hw[1]
                                   / max((x1 - x0) * (y1 - y0), 1.0)))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -70,6 +70,12 @@ BASELINE_PULL = 0.15
 OTHER_ROW_COST = 0.85
 """Ink explained by a neighbour row's path is treated as this much non-ink."""
 PAD_COST = 1e3
+RUNOFF_MM = 8.0
+"""A row-end stretch this far from the baseline, entered in a jump, is run-off."""
+RUNOFF_MIN_MM = 2.5
+"""Shortest run-off (0.1 s at 25 mm/s): a row ending mid-QRS is shorter."""
+RUNOFF_STEP_PX = 3
+"""Columns over which the path must make half that move to count as a jump off the trace."""
 """Cost of the padding rows when bands of different heights are stacked."""
 GRID_PERCENTILE = 20.0
 """Row/column percentile taken as grid (not ink) darkness; a trace covers far less."""
@@ -773,4 +779,41 @@ def extract(prob: np.ndarray, rows: list[RowSpec], px_per_mm: float,
         for t in others:
             theirs |= _claimed(t, r.band, r.xs, 0)
         blocked.append(theirs & ~own)
-    return _follow(prob, [r.band for r in rows], rows, thickness, blocked, curves=True)
+    final = _follow(prob, [r.band for r in rows], rows, thickness, blocked, curves=True)
+    return [_without_runoff(t, r.baseline, px_per_mm) for t, r in zip(final, rows, strict=True)]
+
+
+def _without_runoff(trace: RowTrace, baseline: float, px_per_mm: float) -> RowTrace:
+    """The trace less a run-off at either end: a stretch that leaves the row's baseline
+    by more than ``RUNOFF_MM`` in a jump and stays away up to the row's end.
+
+    A print may stop short of the row's nominal end (or start late); the path then
+    spends the rest of the row on whatever ink the band holds (a grid border, a footer,
+    reached down a grid line). A trace that far out is a QRS, back within a tenth of a
+    second; the cut columns read as blank (NaN), never as a flat invention.
+    """
+    far = np.abs(trace.path - baseline) > RUNOFF_MM * px_per_mm
+    jump = 0.5 * RUNOFF_MM * px_per_mm
+    n = far.shape[0]
+    keep = np.ones(n, bool)
+    for forward in (True, False):
+        f = far if forward else far[::-1]
+        path = trace.path if forward else trace.path[::-1]
+        k = n - int(np.argmin(f[::-1])) if not f.all() else 0  # start of the far tail
+        if n - k < RUNOFF_MIN_MM * px_per_mm or k == 0:
+            continue
+        step = abs(float(path[k]) - float(path[max(0, k - RUNOFF_STEP_PX)]))
+        if step < jump:
+            continue
+        if forward:
+            keep[k:] = False
+        else:
+            keep[: n - k] = False
+    if keep.all():
+        return trace
+    cols = np.flatnonzero(keep)
+    lo_x, hi_x = trace.x0 + cols[0], trace.x0 + cols[-1]
+    # the jump's own stroke, read at the last kept column, goes with the run-off
+    near = np.abs(trace.y - baseline) <= RUNOFF_MM * px_per_mm
+    pts = (trace.x >= lo_x) & (trace.x <= hi_x) & (near | ((trace.x > lo_x) & (trace.x < hi_x)))
+    return replace(trace, x=trace.x[pts], y=trace.y[pts], col_ok=trace.col_ok & keep)

@@ -7,7 +7,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+from pipeline import geometry
 from pipeline.grid import DEFAULT_PX_PER_MM, MAJOR_MM, RectifiedPage, rectify
+from pipeline.leads import Layout
 from pipeline.synthetic import SyntheticPage, generate_page, random_spec
 
 # Thresholds well below what the stage measures (median ~0.1 mm, p95 ~0.3 mm on these pages).
@@ -97,3 +99,23 @@ def test_to_source_follows_the_pixels() -> None:
     ys, xs = np.nonzero(green)
     assert len(xs) > 0
     assert abs(xs.mean() - q[0, 0]) < 2.0 and abs(ys.mean() - q[0, 1]) < 2.0
+
+
+def test_grid_cropped_picture_keeps_its_edge_rows() -> None:
+    """A small picture cropped to the grid (a web image of a 3x4 print) is rendered to its
+    edges: the detection tiles are laid only where a whole one fits, and the strip beyond
+    the last of them (up to a tile step, 20 mm at 3.1 px/mm) holds the bottom row."""
+    spec = dataclasses.replace(random_spec(np.random.default_rng(6), "clean"), dpi=80.0,
+                               layout=Layout.THREE_BY_FOUR, grid_color="pink",
+                               grid_style="lines", signal_source="model", header=False,
+                               footer=False)
+    page = generate_page(6, "clean", spec=spec)
+    ppm = page.px_per_mm
+    gx0, gy0, gx1, gy1 = (round(v * ppm) for v in page.meta["grid_mm"])
+    tile, step = geometry.TILE, geometry.TILE_STEP
+    short = step - 10  # the last whole tile ends this far above the picture's bottom
+    height = tile + step * ((gy1 - gy0 - tile - short) // step) + short
+    crop = np.ascontiguousarray(page.image[gy0 : gy0 + height, gx0:gx1])
+    rect = rectify(crop, orient=False, debug=False)
+    assert rect.image.shape[0] / rect.px_per_mm > crop.shape[0] / ppm - 6.0
+    assert rect.image.shape[1] / rect.px_per_mm > crop.shape[1] / ppm - 6.0

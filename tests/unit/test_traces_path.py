@@ -181,3 +181,23 @@ def test_a_faint_deep_s_wave_is_not_passed_under() -> None:
     prob = _deep_s_wave(0.25, None, 290, 312)
     got = extract(prob, [RowSpec(200.0, (0, 420), (30, 870), 200.0)], PPM, thickness=3.0)[0]
     assert int(got.path[300 - got.x0]) > 290  # the path goes down the wave
+
+
+def test_a_print_that_stops_short_is_not_continued_on_a_border() -> None:
+    """The trace stops 15 mm before the row's end; a line 20 mm below (a grid border)
+    joined by a vertical line must not be read as the rest of the row."""
+    img = _page(h=420)
+    xs = np.arange(20, 760, 0.1)
+    _draw(img, xs, _beat_signal(xs, 200.0))
+    cv2.line(img, (20, 360), (880, 360), (20, 20, 25), 2)  # the border
+    cv2.line(img, (780, 200), (780, 360), (20, 20, 25), 1)  # a line down to it
+    prob = ink_probability(img, PPM)
+    row = RowSpec(baseline=200.0, band=(40, 400), xs=(30, 880), pitch=160.0)
+    (got,) = extract(prob, [row], PPM)
+    assert float(got.x.max()) < 790.0
+    assert float(got.y.max()) < 260.0
+    tail = got.columns >= 790
+    assert not got.col_ok[tail].any()
+    # the trace itself is kept (the path may leave it a little early), R waves and all
+    assert float(got.x.min()) < 35.0 and float(got.x.max()) > 700.0
+    assert float(got.y.min()) < 145.0
