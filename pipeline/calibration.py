@@ -40,6 +40,10 @@ NEIGHBOUR_GUARD_PX = 1.0
 START_GUARD_PX = 2.0
 """Columns at the start of a row left out of its first lead: the calibration pulse's
 falling edge ends there, and read as trace it makes a spike at 0 s."""
+SEPARATOR_GUARD_PENS = 0.5
+"""Pen widths left out on each side of a lead boundary where separator ticks are printed:
+the tick is one pen wide and centred on the boundary (a wider guard loses the QRS that
+falls on it)."""
 MIN_COVERAGE = 0.7
 """A lead is NaN when less than this share of its span was read from ink."""
 MIN_CONFIDENCE = 0.35
@@ -139,15 +143,15 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
     """The row's y (px) and confidence at every output sample time (NaN off the trace).
 
     Each of the row's ``k`` leads is read from its own stretch only: the columns within
-    a pixel of a lead boundary may hold the neighbour's pen cap, and within a pen width
-    the separator tick when the page prints one, and the row's first columns the
+    a pixel of a lead boundary may hold the neighbour's pen cap, and within half a pen
+    width the separator tick when the page prints one, and the row's first columns the
     pulse's falling edge, so a lead's first and last samples continue the line of its
     nearest readings inside its stretch.
     """
     t = np.arange(n) / fs
     xq = layout.x_start + t * layout.px_per_s
     yq = np.full(n, np.nan)
-    guard = (trace.thickness + 0.25 * layout.px_per_mm if layout.separators
+    guard = (SEPARATOR_GUARD_PENS * trace.thickness if layout.separators
              else NEIGHBOUR_GUARD_PX)
     for c in range(k):
         i0, i1 = round(c * n / k), round((c + 1) * n / k)

@@ -1,0 +1,43 @@
+"""A QRS that falls on a lead boundary with a separator tick is read up to the tick."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.calibration import _sample_row
+from pipeline.layout import PageLayout, RowGeometry
+from pipeline.leads import Layout
+from pipeline.traces import RowTrace
+
+PPM = 8.0
+THICKNESS = 5.0
+X_START = 100.0
+BOUNDARY = X_START + 2.5 * 25.0 * PPM  # I -> aVR at 2.5 s
+
+
+def _row_rising_into_the_boundary() -> RowTrace:
+    """Flat at y=300, then a steep R upstroke over the last 8 px before the boundary;
+    the next lead starts back at the baseline (the tick's columns hold no reading)."""
+    cols = np.arange(int(X_START), int(X_START + 250 * PPM))
+    y = np.full(cols.shape, 300.0)
+    ramp = (cols >= BOUNDARY - 8) & (cols < BOUNDARY)
+    y[ramp] = 300.0 - 6.0 * (cols[ramp] - (BOUNDARY - 8))  # 42 px (5 mm) up
+    n = cols.shape[0]
+    return RowTrace(row=0, x0=int(cols[0]), x=cols.astype(float), y=y,
+                    col_ok=np.ones(n, bool), col_conf=np.ones(n), lo=y.astype(int),
+                    hi=y.astype(int), path=y.astype(int), thickness=THICKNESS)
+
+
+def _layout(separators: bool) -> PageLayout:
+    row = RowGeometry(0, 300.0, (200, 400), 200.0, ("I", "aVR", "V1", "V4"), 300.0)
+    return PageLayout(Layout.THREE_BY_FOUR, [row], X_START, X_START + 250 * PPM, PPM, 25.0,
+                      10.0, separators=separators)
+
+
+def test_the_upstroke_before_a_separator_tick_is_kept() -> None:
+    fs = 500
+    yq, _ = _sample_row(_row_rising_into_the_boundary(), _layout(True), 10 * fs, fs, 4)
+    last_of_i = yq[round(2.5 * fs) - 1]  # 2 ms before the boundary: ~1 px below the top
+    assert last_of_i < 300.0 - 30.0  # most of the 42 px stroke, not the flat baseline
+    first_of_avr = yq[round(2.5 * fs) + 2]
+    assert abs(first_of_avr - 300.0) < 1.0
