@@ -61,6 +61,7 @@ LIMB_BASIS: dict[str, tuple[float, float]] = {
 PRINT_CYCLES_PER_MM = 2.4
 """Finest detail a printed trace holds, cycles per mm of paper (60 Hz at 25 mm/s)."""
 LOWPASS_ORDER = 2
+"""Butterworth order of that low-pass (run forward and back: fourth-order roll-off)."""
 
 
 @dataclass

@@ -70,13 +70,13 @@ BASELINE_PULL = 0.15
 OTHER_ROW_COST = 0.85
 """Ink explained by a neighbour row's path is treated as this much non-ink."""
 PAD_COST = 1e3
+"""Cost of the padding rows when bands of different heights are stacked."""
 RUNOFF_MM = 8.0
 """A row-end stretch this far from the baseline, entered in a jump, is run-off."""
 RUNOFF_MIN_MM = 2.5
 """Shortest run-off (0.1 s at 25 mm/s): a row ending mid-QRS is shorter."""
 RUNOFF_STEP_PX = 3
 """Columns over which the path must make half that move to count as a jump off the trace."""
-"""Cost of the padding rows when bands of different heights are stacked."""
 GRID_PERCENTILE = 20.0
 """Row/column percentile taken as grid (not ink) darkness; a trace covers far less."""
 OPEN_MIN_PEN_PX = 3.0
