@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.signal
 
-from pipeline.layout import PageLayout
+from pipeline.layout import PageLayout, _runs
 from pipeline.leads import LEAD_INDEX, LEADS
 from pipeline.traces import RowTrace
 
@@ -171,9 +171,8 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
     # samples in a long run of columns without ink are not read, whatever interp says
     blank = ~trace.col_ok
     if blank.any():
-        d = np.diff(np.concatenate(([0], blank.astype(np.int8), [0])))
         long_gap = np.zeros(blank.shape[0], bool)
-        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+        for a, b in _runs(blank):
             if b - a > MAX_GAP_S * layout.px_per_s:
                 long_gap[a:b] = True
         yq[long_gap[col]] = np.nan
@@ -239,9 +238,7 @@ def band_limit(sig: np.ndarray, fs: float, paper_speed_mm_s: float) -> np.ndarra
     pad = 3 * (2 * sos.shape[0] + 1)
     out = sig.copy()
     for j in range(sig.shape[1]):
-        ok = np.isfinite(sig[:, j])
-        d = np.diff(np.concatenate(([0], ok.astype(np.int8), [0])))
-        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+        for a, b in _runs(np.isfinite(sig[:, j])):
             if b - a > pad:
                 out[a:b, j] = scipy.signal.sosfiltfilt(sos, sig[a:b, j], padlen=pad)
     return out

@@ -794,21 +794,12 @@ def _without_runoff(trace: RowTrace, baseline: float, px_per_mm: float) -> RowTr
     """
     far = np.abs(trace.path - baseline) > RUNOFF_MM * px_per_mm
     jump = 0.5 * RUNOFF_MM * px_per_mm
-    n = far.shape[0]
-    keep = np.ones(n, bool)
-    for forward in (True, False):
-        f = far if forward else far[::-1]
-        path = trace.path if forward else trace.path[::-1]
-        k = n - int(np.argmin(f[::-1])) if not f.all() else 0  # start of the far tail
-        if n - k < RUNOFF_MIN_MM * px_per_mm or k == 0:
-            continue
-        step = abs(float(path[k]) - float(path[max(0, k - RUNOFF_STEP_PX)]))
-        if step < jump:
-            continue
-        if forward:
-            keep[k:] = False
-        else:
-            keep[: n - k] = False
+    shortest = RUNOFF_MIN_MM * px_per_mm
+    keep = np.ones(far.shape[0], bool)
+    tail = _runoff_length(far, trace.path, jump, shortest)
+    keep[keep.shape[0] - tail:] = False
+    head = _runoff_length(far[::-1], trace.path[::-1], jump, shortest)
+    keep[:head] = False
     if keep.all():
         return trace
     cols = np.flatnonzero(keep)
@@ -817,3 +808,16 @@ def _without_runoff(trace: RowTrace, baseline: float, px_per_mm: float) -> RowTr
     near = np.abs(trace.y - baseline) <= RUNOFF_MM * px_per_mm
     pts = (trace.x >= lo_x) & (trace.x <= hi_x) & (near | ((trace.x > lo_x) & (trace.x < hi_x)))
     return replace(trace, x=trace.x[pts], y=trace.y[pts], col_ok=trace.col_ok & keep)
+
+
+def _runoff_length(far: np.ndarray, path: np.ndarray, jump: float, shortest: float) -> int:
+    """Columns of run-off at the end of a path: its closing run of ``far`` columns, when
+    that run is at least ``shortest`` long, is not the whole path, and the path entered
+    it by a move of ``jump`` px or more within ``RUNOFF_STEP_PX`` columns; else 0."""
+    n = far.shape[0]
+    tail = n if far.all() else int(np.argmin(far[::-1]))
+    if tail == n or tail < shortest:
+        return 0
+    k = n - tail
+    step = abs(float(path[k]) - float(path[max(0, k - RUNOFF_STEP_PX)]))
+    return tail if step >= jump else 0
