@@ -33,7 +33,8 @@ from pipeline.leads import LEAD_INDEX, LEADS
 from pipeline.traces import RowTrace
 
 MAX_GAP_S = 0.04
-"""Gaps in a trace up to this long are interpolated; longer ones stay NaN."""
+"""Gaps in a trace up to this long are interpolated, and a lead's stretch is continued
+this far past its first and last readings; longer ones stay NaN."""
 NEIGHBOUR_GUARD_PX = 1.0
 """Columns next to a lead boundary left to the neighbour when no separator is printed
 (the path restarts at the boundary, so only a merged pen cap can mislead there)."""
@@ -147,7 +148,7 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
     a pixel of a lead boundary may hold the neighbour's pen cap, and within half a pen
     width the separator tick when the page prints one, and the row's first columns the
     pulse's falling edge, so a lead's first and last samples continue the line of its
-    nearest readings inside its stretch.
+    nearest readings inside its stretch, for up to ``MAX_GAP_S``.
     """
     t = np.arange(n) / fs
     xq = layout.x_start + t * layout.px_per_s
@@ -165,7 +166,8 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
             continue
         xs, ys = spread_ties(trace.x[sel], trace.y[sel])
         q = xq[i0:i1]
-        inside = (q >= xs[0] - guard - 1) & (q <= xs[-1] + guard + 1)
+        reach = max(guard + 1, MAX_GAP_S * layout.px_per_s)
+        inside = (q >= xs[0] - reach) & (q <= xs[-1] + reach)
         yq[i0:i1] = np.where(inside, _extrapolated(q, xs, ys, guard, 2.0 * trace.thickness), np.nan)
     col = np.clip(np.round(xq - trace.x0).astype(np.int64), 0, trace.col_ok.shape[0] - 1)
     # samples in a long run of columns without ink are not read, whatever interp says

@@ -63,6 +63,8 @@ DEFAULT_GAIN_MM_MV = 10.0
 PHANTOM_OVERRUN_MM = 5.0
 """An end row without the pulse the other rows print, whose ink starts or ends this much
 beyond theirs, is a paper edge or a ruled line, not a trace row."""
+SHARED_TOL_MM = 1.0
+"""Row ends this close to the shared end are one end, read a little differently."""
 SEPARATOR_MIN_MM = 2.5
 """A lead separator tick is a vertical stroke at least this long across the baseline."""
 SEPARATOR_SHARE = 0.6
@@ -338,7 +340,8 @@ def relabel_six_rows(page: PageLayout, traces: list[RowTrace]) -> PageLayout:
 
 
 def _six_row_layout(quick: list[np.ndarray], x_start: float, x_end: float) -> Layout:
-    """3x4+3 repeats V1, II and V5 of the 3x4 block in its rhythm strips; 6x2 does not."""
+    """3x4+3 repeats V1, II and V5 of the 3x4 block in its rhythm strips; 6x2 does not.
+    Two of the three copies must agree: where rows touch, one may be misread."""
     w = x_end - x_start
 
     def span(q: int) -> slice:
@@ -346,7 +349,7 @@ def _six_row_layout(quick: list[np.ndarray], x_start: float, x_end: float) -> La
 
     pairs = [(1, 4, 0), (0, 3, 2), (1, 5, 3)]  # (3x4 row, rhythm row, quarter)
     corr = [_corr(quick[a][span(q)], quick[b][span(q)]) for a, b, q in pairs]
-    return Layout.THREE_BY_FOUR_3R if float(np.mean(corr)) > DUPLICATE_CORR else Layout.SIX_BY_TWO
+    return Layout.THREE_BY_FOUR_3R if float(np.median(corr)) > DUPLICATE_CORR else Layout.SIX_BY_TWO
 
 
 def _strokes(up: np.ndarray, bottom: np.ndarray, min_len: float
@@ -453,11 +456,14 @@ def _pulse_base(prob: np.ndarray, foot: float, xa: float, xb: float, ppm: float,
 def _shared(values: np.ndarray, ppm: float, last: bool) -> float:
     """The last (or first) row end that another row shares to within 4 mm: a faded
     stretch cuts a row short, a stray mark lengthens one, neither happens to two rows
-    alike."""
+    alike. Of the ends within ``SHARED_TOL_MM`` of it the median is taken: a pen cap or
+    a grid-line remnant lengthens one row by a few pixels, which is a few samples of
+    every lead's timing."""
     order = np.sort(values)[::-1] if last else np.sort(values)
     for v in order:
         if (np.abs(values - v) <= 4.0 * ppm).sum() >= min(2, values.size):
-            return float(v)
+            near = values[np.abs(values - v) <= SHARED_TOL_MM * ppm]
+            return float(np.median(near))
     return float(np.median(values))
 
 

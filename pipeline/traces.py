@@ -71,6 +71,9 @@ OTHER_ROW_COST = 0.85
 """Ink explained by a neighbour row's path is treated as this much non-ink."""
 PAD_COST = 1e3
 """Cost of the padding rows when bands of different heights are stacked."""
+TIP_RUN_PENS = 1.5
+"""A tip's column holds a run at least this many pens long (a trough's rounded bottom
+is little more than one pen; a flat line's bump is less)."""
 RUNOFF_MM = 8.0
 """A row-end stretch this far from the baseline, entered in a jump, is run-off."""
 RUNOFF_MIN_MM = 2.5
@@ -502,10 +505,13 @@ def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray, np.ndarra
     for x in range(1, w - 1):
         if not (r.ok[x - 1] and r.ok[x] and r.ok[x + 1]):
             continue
-        if r.hi_edge[x] - r.lo_edge[x] < 1.8 * thickness:
+        if r.hi_edge[x] - r.lo_edge[x] < TIP_RUN_PENS * thickness:
             continue
-        u = r.lo_edge[x] < r.lo_edge[x - 1] and r.lo_edge[x] <= r.lo_edge[x + 1]
-        d = r.hi_edge[x] > r.hi_edge[x - 1] and r.hi_edge[x] >= r.hi_edge[x + 1]
+        # an extreme, or either end of a flat extreme (a round trough's bottom)
+        lo, lo_l, lo_r = r.lo_edge[x], r.lo_edge[x - 1], r.lo_edge[x + 1]
+        hi, hi_l, hi_r = r.hi_edge[x], r.hi_edge[x - 1], r.hi_edge[x + 1]
+        u = bool(lo <= min(lo_l, lo_r) and lo < max(lo_l, lo_r))
+        d = bool(hi >= max(hi_l, hi_r) and hi > min(hi_l, hi_r))
         if u and d:
             # both in one column: the R's and the S's tips on one stroke when the
             # neighbours lie at its opposite ends (R before, S after, or S then R);

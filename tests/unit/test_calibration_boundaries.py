@@ -41,3 +41,27 @@ def test_the_upstroke_before_a_separator_tick_is_kept() -> None:
     assert last_of_i < 300.0 - 30.0  # most of the 42 px stroke, not the flat baseline
     first_of_avr = yq[round(2.5 * fs) + 2]
     assert abs(first_of_avr - 300.0) < 1.0
+
+
+def _row_read_up_to(last_x: float) -> RowTrace:
+    """A flat reading at y=300 from the row's start up to column ``last_x``."""
+    cols = np.arange(int(X_START), int(last_x) + 1)
+    y = np.full(cols.shape, 300.0)
+    n = int(X_START + 250 * PPM) - int(X_START) + 1
+    ok = np.zeros(n, bool)
+    ok[:cols.size] = True
+    full = np.full(n, 300, int)
+    return RowTrace(row=0, x0=int(X_START), x=cols.astype(float), y=y, col_ok=ok,
+                    col_conf=ok.astype(float), lo=full, hi=full, path=full,
+                    thickness=THICKNESS)
+
+
+def test_a_lead_read_up_to_a_few_pixels_before_its_end_is_continued_to_it() -> None:
+    """The last columns of a row often hold no reading (a QRS cut at the row's end, a
+    faint pen cap); up to MAX_GAP_S of them are continued, as a gap inside would be."""
+    fs = 500
+    end = X_START + 250 * PPM
+    near, _ = _sample_row(_row_read_up_to(end - 5), _layout(False), 10 * fs, fs, 4)
+    assert np.isfinite(near[-3:]).all()
+    far, _ = _sample_row(_row_read_up_to(end - 40), _layout(False), 10 * fs, fs, 4)
+    assert np.isnan(far[-3:]).all()  # 5 mm short: not invented

@@ -95,3 +95,39 @@ def test_a_paper_edge_one_row_pitch_above_is_not_a_row() -> None:
     got = detect_layout(prob, page.px_per_mm, trace_thickness(prob, page.px_per_mm))
     assert got.layout == Layout.THREE_BY_FOUR
     assert np.allclose([r.baseline for r in got.rows], [r.baseline for r in rows], atol=2.0)
+
+
+def test_a_few_pixels_of_ink_past_one_rows_end_do_not_move_the_time_axis() -> None:
+    """A grid-line remnant or a pen cap that lengthens one row by under a millimetre is
+    that row's reading, not the page's end: the shared end is the rows' median."""
+    page = generate_page(6, "clean", spec=PageSpec(layout=Layout.THREE_BY_FOUR, dpi=200.0,
+                                                   grid_color="red", gain_mm_mv=10.0))
+    before = _read_layout(page)
+    ppm = page.px_per_mm
+    row = before.rows[1]
+    x = round(before.x_end)
+    image = page.image.copy()
+    y = round(row.baseline)
+    image[y - 1:y + 2, x + 1:x + 1 + int(0.6 * ppm)] = 30  # 0.6 mm of ink past the end
+    prob = ink_probability(image, ppm)
+    after = detect_layout(prob, ppm, trace_thickness(prob, ppm))
+    assert abs(after.x_start - before.x_start) < 1.0
+
+
+def test_one_spoilt_rhythm_copy_does_not_make_a_3x4_3_page_6x2() -> None:
+    """At 20 mm/mV a rhythm strip may be misread where a neighbour's QRS crosses it; the
+    two other copies still show the page repeats its leads."""
+    from pipeline.layout import _six_row_layout
+
+    rng = np.random.default_rng(3)
+    w = 400
+    rows = [np.cumsum(rng.normal(0, 1, w)) for _ in range(3)]
+    q = w // 4
+    v1, ii, v5 = (np.full(w, np.nan) for _ in range(3))
+    v1[2 * q:3 * q] = rows[0][2 * q:3 * q]  # V1 at the third quarter of row 0
+    ii[:q] = rng.normal(0, 1, q)  # II's copy: spoilt
+    v5[3 * q:] = rows[1][3 * q:]  # V5 at the last quarter of row 1
+    got = _six_row_layout([*rows, v1, ii, v5], 0.0, float(w))
+    assert got == Layout.THREE_BY_FOUR_3R
+    independent = [np.cumsum(rng.normal(0, 1, w)) for _ in range(6)]
+    assert _six_row_layout(independent, 0.0, float(w)) == Layout.SIX_BY_TWO

@@ -7,6 +7,8 @@ import numpy as np
 
 from pipeline.traces import (
     RowSpec,
+    _Runs,
+    _tips,
     erase_creases,
     extract,
     ink_probability,
@@ -201,3 +203,19 @@ def test_a_print_that_stops_short_is_not_continued_on_a_border() -> None:
     # the trace itself is kept (the path may leave it a little early), R waves and all
     assert float(got.x.min()) < 35.0 and float(got.x.max()) > 700.0
     assert float(got.y.min()) < 145.0
+
+
+
+def test_the_round_bottom_of_a_wide_s_trough_is_a_tip() -> None:
+    """Column runs read off a blurred scan at the bottom of a wide S trough (synthetic
+    scan 19): the lowest column's run is under two pens long and its lower edge ties
+    with the next column's. It must still be a downward tip, or the stroke from the R
+    tip is cut straight across to the trough's far side."""
+    lo = np.array([226.3, 235.1, 241.2, 246.8, 245.2, 240.9, 235.1, 229.1])
+    hi = np.array([250.1, 252.3, 252.74, 252.75, 252.75, 252.4, 250.9, 248.1])
+    n = lo.size
+    runs = _Runs(lo=lo.astype(int), hi=hi.astype(int), lo_edge=lo, hi_edge=hi,
+                 centre=(lo + hi) / 2, conf=np.ones(n), ok=np.ones(n, bool))
+    up, down, _ = _tips(runs, thickness=3.5)
+    assert down[3:5].any()
+    assert not up.any()
