@@ -18,7 +18,7 @@ def _amplitude(x: np.ndarray, hz: float) -> float:
 def test_waves_pass_and_pixel_jitter_is_removed() -> None:
     t = np.arange(2500) / FS
     wave = np.sin(2 * np.pi * 10.0 * t)  # QRS-band content
-    jitter = 0.2 * np.sin(2 * np.pi * 150.0 * t)  # far above 60 Hz at 25 mm/s
+    jitter = 0.2 * np.sin(2 * np.pi * 150.0 * t)  # far above 50 Hz at 25 mm/s
     sig = np.stack([wave + jitter] * 12, axis=1)
     out = band_limit(sig, FS, 25.0)
     inner = slice(100, 2400)  # away from the stretch ends
@@ -27,14 +27,14 @@ def test_waves_pass_and_pixel_jitter_is_removed() -> None:
 
 
 def test_cutoff_follows_the_paper_speed() -> None:
-    """At 50 mm/s the print holds twice the detail: 80 Hz passes there, not at 25 mm/s."""
+    """At 50 mm/s the print holds twice the detail: 65 Hz passes there, not at 25 mm/s."""
     t = np.arange(2500) / FS
-    sig = np.repeat(np.sin(2 * np.pi * 80.0 * t)[:, None], 12, axis=1)
+    sig = np.repeat(np.sin(2 * np.pi * 65.0 * t)[:, None], 12, axis=1)
     inner = slice(100, 2400)
-    slow = _amplitude(band_limit(sig, FS, 25.0)[inner, 0], 80.0)
-    fast = _amplitude(band_limit(sig, FS, 50.0)[inner, 0], 80.0)
+    slow = _amplitude(band_limit(sig, FS, 25.0)[inner, 0], 65.0)
+    fast = _amplitude(band_limit(sig, FS, 50.0)[inner, 0], 65.0)
     assert slow < 0.3 and fast > 0.8
-    assert PRINT_CYCLES_PER_MM * 25.0 < 80.0 < PRINT_CYCLES_PER_MM * 50.0
+    assert PRINT_CYCLES_PER_MM * 25.0 < 65.0 < PRINT_CYCLES_PER_MM * 50.0
 
 
 def test_gaps_stay_gaps_and_each_stretch_is_filtered_alone() -> None:
@@ -50,7 +50,7 @@ def test_gaps_stay_gaps_and_each_stretch_is_filtered_alone() -> None:
 
 
 def test_low_output_rates_are_left_alone() -> None:
-    """At --fs 100 the output cannot carry 60 Hz anyway; nothing to remove."""
+    """At --fs 100 the output cannot carry 50 Hz anyway; nothing to remove."""
     rng = np.random.default_rng(0)
     sig = rng.normal(size=(1000, 12))
     np.testing.assert_array_equal(band_limit(sig, 100.0, 25.0), sig)
