@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.signal
 
-from pipeline.layout import PageLayout, _runs
+from pipeline.layout import PageLayout
 from pipeline.leads import LEAD_INDEX, LEADS
+from pipeline.masks import runs
 from pipeline.traces import RowTrace
 
 MAX_GAP_S = 0.04
@@ -82,8 +83,7 @@ def _fill_gaps(y: np.ndarray, max_gap: int) -> np.ndarray:
         return y
     idx = np.arange(y.shape[0])
     filled = np.interp(idx, idx[ok], y[ok])
-    d = np.diff(np.concatenate(([1], ok.astype(np.int8), [1])))
-    for a, b in zip(np.flatnonzero(d == -1), np.flatnonzero(d == 1), strict=True):
+    for a, b in runs(~ok):
         if a > 0 and b < y.shape[0] and b - a <= max_gap:
             y[a:b] = filled[a:b]
     return y
@@ -174,7 +174,7 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
     blank = ~trace.col_ok
     if blank.any():
         long_gap = np.zeros(blank.shape[0], bool)
-        for a, b in _runs(blank):
+        for a, b in runs(blank):
             if b - a > MAX_GAP_S * layout.px_per_s:
                 long_gap[a:b] = True
         yq[long_gap[col]] = np.nan
@@ -240,7 +240,7 @@ def band_limit(sig: np.ndarray, fs: float, paper_speed_mm_s: float) -> np.ndarra
     pad = 3 * (2 * sos.shape[0] + 1)
     out = sig.copy()
     for j in range(sig.shape[1]):
-        for a, b in _runs(np.isfinite(sig[:, j])):
+        for a, b in runs(np.isfinite(sig[:, j])):
             if b - a > pad:
                 out[a:b, j] = scipy.signal.sosfiltfilt(sos, sig[a:b, j], padlen=pad)
     return out

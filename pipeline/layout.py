@@ -29,6 +29,7 @@ from scipy.signal import find_peaks
 
 from pipeline.errors import DigitizationError
 from pipeline.leads import GAINS_MM_MV, LAYOUTS, PAPER_SPEEDS_MM_S, Layout, segment_span
+from pipeline.masks import runs
 from pipeline.traces import INK_LEVEL, RUN_LEVEL, RowSpec, RowTrace
 
 TRACE_WIDTH_MM = 250.0
@@ -164,17 +165,11 @@ class PageLayout:
                 self.x_start + t1 * self.px_per_s, r.baseline + 0.45 * r.pitch)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(),
-                    strict=True))
-
-
 def _longest_run(mask: np.ndarray | np.bool_, close: int) -> tuple[int, int]:
     """Longest run of ``mask`` after closing gaps shorter than ``close``."""
     m = maximum_filter1d(np.asarray(mask, dtype=np.uint8), size=max(1, close)) > 0
     best = (0, 0)
-    for a, b in _runs(m):
+    for a, b in runs(m):
         if b - a > best[1] - best[0]:
             best = (a, b)
     # undo the dilation at the ends
@@ -224,7 +219,7 @@ def _has_complexes(ink: np.ndarray, y: int, x0: int, x1: int, ppm: float) -> boo
     first = np.argmax(band, axis=0)
     last = band.shape[0] - 1 - np.argmax(band[::-1], axis=0)
     tall = any_ink & (last - first >= MIN_COMPLEX_MM * ppm)
-    return len(_runs(tall)) >= MIN_COMPLEXES
+    return len(runs(tall)) >= MIN_COMPLEXES
 
 
 def _baseline(prob: np.ndarray, y: float, half: float, x0: int, x1: int, ppm: float) -> float:
@@ -357,7 +352,7 @@ def _strokes(up: np.ndarray, bottom: np.ndarray, min_len: float
     """Clusters of columns whose ink rises at least ``min_len`` px from near the
     baseline: (x centre, height, bottom y) each."""
     out = []
-    for a, b in _runs(up >= min_len):
+    for a, b in runs(up >= min_len):
         h = up[a:b]
         out.append((a + float((h * np.arange(b - a)).sum() / h.sum()), float(h.max()),
                     float(np.median(bottom[a:b]))))

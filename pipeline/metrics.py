@@ -26,6 +26,7 @@ from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from pipeline.leads import LEAD_INDEX
+from pipeline.masks import runs
 from pipeline.result import Metrics
 
 MIN_RR_S = 0.25
@@ -45,14 +46,6 @@ LIMB_ANGLES_DEG: dict[str, float] = {
 """Hexaxial reference angles of the frontal-plane leads."""
 _BEAT_PRE_S = 0.45
 _BEAT_POST_S = 0.65
-
-
-def _runs(valid: np.ndarray) -> list[tuple[int, int]]:
-    """Half-open index ranges where ``valid`` is true."""
-    d = np.diff(np.concatenate(([0], valid.astype(np.int8), [0])))
-    starts = np.flatnonzero(d == 1)
-    ends = np.flatnonzero(d == -1)
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))
 
 
 def _bandpass(x: np.ndarray, fs: float, lo: float, hi: float) -> np.ndarray:
@@ -77,7 +70,7 @@ def qrs_activity(signals: np.ndarray, fs: float) -> np.ndarray:
     for j in range(signals.shape[1]):
         x = signals[:, j]
         energy = np.full(n, np.nan)
-        for a, b in _runs(np.isfinite(x)):
+        for a, b in runs(np.isfinite(x)):
             if b - a < int(0.4 * fs):
                 continue
             f = _bandpass(x[a:b], fs, 5.0, 30.0)

@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.layout import PageLayout
 from pipeline.leads import LEAD_INDEX, LEADS
+from pipeline.masks import runs
 from pipeline.traces import RowTrace
 
 LEAD_COLORS: dict[str, tuple[int, int, int]] = dict(zip(LEADS, [
@@ -98,8 +99,7 @@ def plot(signals: np.ndarray, fs: float) -> np.ndarray:
                     cv2.LINE_AA)
         y = base - signals[:, j] * PLOT_GAIN_MM_MV * ppm
         ok = np.isfinite(y)
-        d = np.diff(np.concatenate(([0], ok.astype(np.int8), [0])))
-        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1), strict=True):
+        for a, b in runs(ok):
             if b - a < 2:
                 continue
             pts = np.stack([xs[a:b], np.clip(y[a:b], 0, height - 1)], axis=1)

@@ -42,6 +42,7 @@ import numpy as np
 from scipy.ndimage import maximum_filter1d
 
 from pipeline.errors import DigitizationError
+from pipeline.masks import runs
 
 INK_LEVEL = 0.5
 """Probability above which a pixel counts as ink for runs and extents."""
@@ -393,8 +394,8 @@ def _stroke_widths(prob: np.ndarray, px_per_mm: float, q: float) -> float:
     limit = max(3.0, 1.2 * px_per_mm)
     for y in ys[:: max(1, ys.size // 400)]:
         line = ink[y]
-        d = np.diff(np.concatenate(([0], line.astype(np.int8), [0])))
-        for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1, strict=True):
+        for a, end in runs(line):
+            b = end - 1
             if not vert[y, a:b + 1].any():
                 continue
             left, right = _edges(prob[y], int(a), int(b))
@@ -638,15 +639,13 @@ def _curve(prob: np.ndarray, ink: np.ndarray, r: _Runs, thickness: float,
         steep[restarts] = False
     px: list[float] = []
     py: list[float] = []
-    d = np.diff(np.concatenate(([0], steep.astype(np.int8), [0])))
     in_span = np.zeros(w, bool)
-    for a, b in zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1) - 1, strict=True):
-        sx, sy = _steep_points(prob, ink, r, int(a), int(b), thickness, up, down,
-                               s_first)
+    for a, end in runs(steep):
+        sx, sy = _steep_points(prob, ink, r, a, end - 1, thickness, up, down, s_first)
         if sx:
             px.extend(sx)
             py.extend(sy)
-            in_span[a:b + 1] = True
+            in_span[a:end] = True
     half = thickness / 2.0
     for x in np.flatnonzero(r.ok & ~in_span):
         if up[x]:
@@ -706,13 +705,13 @@ def _follow(prob: np.ndarray, bands: list[tuple[int, int]], specs: list[RowSpec]
         top = band[0]
         path = np.clip(paths[i, :c.shape[0]], 0, c.shape[1] - 1)
         cuts = restarts[i, :c.shape[0]]
-        runs = _column_runs(p_t, ink_t, path, cuts)
+        taken = _column_runs(p_t, ink_t, path, cuts)
         if curves:
-            px, py = _curve(p_t, ink_t, runs, thickness, cuts)
+            px, py = _curve(p_t, ink_t, taken, thickness, cuts)
         else:
             px = py = np.zeros(0)
-        out.append(RowTrace(row=i, x0=s.xs[0], x=px + s.xs[0], y=py + top, col_ok=runs.ok,
-                            col_conf=runs.conf, lo=runs.lo + top, hi=runs.hi + top,
+        out.append(RowTrace(row=i, x0=s.xs[0], x=px + s.xs[0], y=py + top, col_ok=taken.ok,
+                            col_conf=taken.conf, lo=taken.lo + top, hi=taken.hi + top,
                             path=path + top, thickness=thickness))
     return out
 
