@@ -155,6 +155,8 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
     yq = np.full(n, np.nan)
     guard = (SEPARATOR_GUARD_PENS * trace.thickness if layout.separators
              else NEIGHBOUR_GUARD_PX)
+    max_gap_px = MAX_GAP_S * layout.px_per_s
+    reach = max(guard + 1, max_gap_px)
     for c in range(k):
         i0, i1 = round(c * n / k), round((c + 1) * n / k)
         xa = layout.x_start + i0 / fs * layout.px_per_s
@@ -166,7 +168,6 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
             continue
         xs, ys = spread_ties(trace.x[sel], trace.y[sel])
         q = xq[i0:i1]
-        reach = max(guard + 1, MAX_GAP_S * layout.px_per_s)
         inside = (q >= xs[0] - reach) & (q <= xs[-1] + reach)
         yq[i0:i1] = np.where(inside, _extrapolated(q, xs, ys, guard, 2.0 * trace.thickness), np.nan)
     col = np.clip(np.round(xq - trace.x0).astype(np.int64), 0, trace.col_ok.shape[0] - 1)
@@ -175,7 +176,7 @@ def _sample_row(trace: RowTrace, layout: PageLayout, n: int, fs: float, k: int) 
     if blank.any():
         long_gap = np.zeros(blank.shape[0], bool)
         for a, b in runs(blank):
-            if b - a > MAX_GAP_S * layout.px_per_s:
+            if b - a > max_gap_px:
                 long_gap[a:b] = True
         yq[long_gap[col]] = np.nan
     return yq, trace.col_conf[col]

@@ -395,10 +395,9 @@ def _stroke_widths(prob: np.ndarray, px_per_mm: float, q: float) -> float:
     for y in ys[:: max(1, ys.size // 400)]:
         line = ink[y]
         for a, end in runs(line):
-            b = end - 1
-            if not vert[y, a:b + 1].any():
+            if not vert[y, a:end].any():
                 continue
-            left, right = _edges(prob[y], int(a), int(b))
+            left, right = _edges(prob[y], a, end - 1)
             if right - left <= limit:
                 widths.append(right - left)
     if len(widths) < 10:

@@ -15,17 +15,24 @@ X_START = 100.0
 BOUNDARY = X_START + 2.5 * 25.0 * PPM  # I -> aVR at 2.5 s
 
 
+COLS = np.arange(int(X_START), int(X_START + 250 * PPM) + 1)
+"""The row's columns, one reading each."""
+
+
+def _row(y: np.ndarray, read: np.ndarray) -> RowTrace:
+    """A row trace at height ``y`` per column of ``COLS``, read where ``read`` is true."""
+    return RowTrace(row=0, x0=int(COLS[0]), x=COLS[read].astype(float), y=y[read],
+                    col_ok=read, col_conf=read.astype(float), lo=y.astype(int),
+                    hi=y.astype(int), path=y.astype(int), thickness=THICKNESS)
+
+
 def _row_rising_into_the_boundary() -> RowTrace:
     """Flat at y=300, then a steep R upstroke over the last 8 px before the boundary;
     the next lead starts back at the baseline (the tick's columns hold no reading)."""
-    cols = np.arange(int(X_START), int(X_START + 250 * PPM))
-    y = np.full(cols.shape, 300.0)
-    ramp = (cols >= BOUNDARY - 8) & (cols < BOUNDARY)
-    y[ramp] = 300.0 - 6.0 * (cols[ramp] - (BOUNDARY - 8))  # 42 px (5 mm) up
-    n = cols.shape[0]
-    return RowTrace(row=0, x0=int(cols[0]), x=cols.astype(float), y=y,
-                    col_ok=np.ones(n, bool), col_conf=np.ones(n), lo=y.astype(int),
-                    hi=y.astype(int), path=y.astype(int), thickness=THICKNESS)
+    y = np.full(COLS.shape, 300.0)
+    ramp = (COLS >= BOUNDARY - 8) & (COLS < BOUNDARY)
+    y[ramp] = 300.0 - 6.0 * (COLS[ramp] - (BOUNDARY - 8))  # 42 px (5 mm) up
+    return _row(y, np.ones(COLS.shape, bool))
 
 
 def _layout(separators: bool) -> PageLayout:
@@ -45,15 +52,7 @@ def test_the_upstroke_before_a_separator_tick_is_kept() -> None:
 
 def _row_read_up_to(last_x: float) -> RowTrace:
     """A flat reading at y=300 from the row's start up to column ``last_x``."""
-    cols = np.arange(int(X_START), int(last_x) + 1)
-    y = np.full(cols.shape, 300.0)
-    n = int(X_START + 250 * PPM) - int(X_START) + 1
-    ok = np.zeros(n, bool)
-    ok[:cols.size] = True
-    full = np.full(n, 300, int)
-    return RowTrace(row=0, x0=int(X_START), x=cols.astype(float), y=y, col_ok=ok,
-                    col_conf=ok.astype(float), lo=full, hi=full, path=full,
-                    thickness=THICKNESS)
+    return _row(np.full(COLS.shape, 300.0), np.less_equal(COLS, int(last_x)))
 
 
 def test_a_lead_read_up_to_a_few_pixels_before_its_end_is_continued_to_it() -> None:

@@ -205,7 +205,6 @@ def test_a_print_that_stops_short_is_not_continued_on_a_border() -> None:
     assert float(got.y.min()) < 145.0
 
 
-
 def test_the_round_bottom_of_a_wide_s_trough_is_a_tip() -> None:
     """Column runs read off a blurred scan at the bottom of a wide S trough (synthetic
     scan 19): the lowest column's run is under two pens long and its lower edge ties
