@@ -59,6 +59,9 @@ DUPLICATE_CORR = 0.75
 """Correlation above which two printings are the same signal (3x4+3 rhythm strips)."""
 MIN_PULSE_MM = 3.8
 """Shorter "pulses" are letters (a serif II); the smallest standard pulse is 5 mm."""
+PULSE_END_MM = 1.0
+"""A pulse's top stops at its falling stroke: ink that carries on this far at the top's
+height makes that stroke a grid line under the top."""
 DEFAULT_SPEED_MM_S = 25.0
 DEFAULT_GAIN_MM_MV = 10.0
 PHANTOM_OVERRUN_MM = 5.0
@@ -395,37 +398,53 @@ def find_pulse(prob: np.ndarray, row: int, baseline: float, xs: tuple[int, int],
         up[j] = above[y, j] - 1
     best: Pulse | None = None
     strokes = _strokes(up, bottom, MIN_PULSE_MM * ppm)
-    for (xa, ha, ba), (xb, hb, bb) in itertools.pairwise(strokes):
+    # every pair, not only neighbours: a grid line that survived ink separation stands
+    # between the two strokes of a pulse on a binarized page
+    for (xa, ha, ba), (xb, hb, bb) in itertools.combinations(strokes, 2):
+        if best is not None and xa >= best.x0 - x0:
+            break
         width_mm = (xb - xa) / ppm
         if not 3.0 <= width_mm <= 12.5 or not 0.8 <= ha / max(hb, 1e-6) <= 1.25:
             continue
-        h = 0.5 * (ha + hb)
-        ja, jb = int(xa + thickness + 1), int(xb - thickness - 1)
-        if jb - ja < 3:
+        y_top = _pulse_top(prob[top:bot, x0:x1], xa, xb, 0.5 * (ha + hb), 0.5 * (ba + bb),
+                           ppm, thickness)
+        if y_top is None:
             continue
-        y_top_guess = 0.5 * (ba + bb) - h + 0.5 * thickness
-        plateau = []
-        empty = 0
-        mid = int(0.5 * (ba + bb) - h / 2)
-        for j in range(ja, jb):
-            col = prob[top:bot, x0 + j]
-            a = max(0, int(y_top_guess - 0.8 * ppm))
-            b = min(col.shape[0], int(y_top_guess + 0.8 * ppm) + 1)
-            seg = col[a:b]
-            if seg.max() >= RUN_LEVEL:
-                plateau.append(a + float((seg * np.arange(seg.shape[0])).sum() / seg.sum()))
-            if col[max(0, mid - 1):mid + 2].max() < INK_LEVEL:
-                empty += 1
-        n = jb - ja
-        if len(plateau) < 0.6 * n or empty < 0.6 * n:
-            continue
-        y_top = top + float(np.median(plateau))
         foot = top + 0.5 * (ba + bb) - 0.5 * thickness  # centre of the strokes' ends
         y_base = _pulse_base(prob, foot, x0 + xa, x0 + xb, ppm, thickness)
-        cand = Pulse(row, x0 + xa, x0 + xb, y_top, y_base, ppm)
-        if best is None or cand.x0 < best.x0:
-            best = cand
+        best = Pulse(row, x0 + xa, x0 + xb, top + y_top, y_base, ppm)
     return best
+
+
+def _pulse_top(window: np.ndarray, xa: float, xb: float, h: float, foot: float, ppm: float,
+               thickness: float) -> float | None:
+    """Height (px in ``window``) of the flat top joining strokes ``xa`` and ``xb``, or
+    None when they are not a pulse: the top must span them, stop at ``xb`` (else ``xb``
+    is a grid line under the top) and leave the inside blank."""
+    ja, jb = int(xa + thickness + 1), int(xb - thickness - 1)
+    if jb - ja < 3:
+        return None
+    y_guess = foot - h + 0.5 * thickness
+    a = max(0, int(y_guess - 0.8 * ppm))
+    b = min(window.shape[0], int(y_guess + 0.8 * ppm) + 1)
+    mid = int(foot - h / 2)
+    plateau = []
+    empty = 0
+    for j in range(ja, jb):
+        seg = window[a:b, j]
+        if seg.max() >= RUN_LEVEL:
+            plateau.append(a + float((seg * np.arange(seg.shape[0])).sum() / seg.sum()))
+        if window[max(0, mid - 1):mid + 2, j].max() < INK_LEVEL:
+            empty += 1
+    n = jb - ja
+    if len(plateau) < 0.6 * n or empty < 0.6 * n:
+        return None
+    y_top = float(np.median(plateau))
+    beyond = window[max(0, int(y_top - 0.5 * ppm)):int(y_top + 0.5 * ppm) + 1,
+                    int(xb + thickness + 1):int(xb + thickness + 1 + PULSE_END_MM * ppm)]
+    if beyond.size and (beyond.max(axis=0) >= RUN_LEVEL).mean() > 0.5:
+        return None
+    return y_top
 
 
 def _pulse_base(prob: np.ndarray, foot: float, xa: float, xb: float, ppm: float,

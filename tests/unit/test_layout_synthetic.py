@@ -131,3 +131,21 @@ def test_one_spoilt_rhythm_copy_does_not_make_a_3x4_3_page_6x2() -> None:
     assert got == Layout.THREE_BY_FOUR_3R
     independent = [np.cumsum(rng.normal(0, 1, w)) for _ in range(6)]
     assert _six_row_layout(independent, 0.0, float(w)) == Layout.SIX_BY_TWO
+
+
+def test_a_line_under_the_pulse_top_does_not_halve_the_pulse() -> None:
+    """On a binarized page the black grid survives ink separation; a grid line from the
+    baseline to the top of a 10 mm (50 mm/s) pulse is not the pulse's falling stroke."""
+    page = generate_page(11, "clean", spec=PageSpec(layout=Layout.STANDARD, dpi=160.0,
+                                                    paper_speed_mm_s=50.0, footer=False))
+    ppm = page.px_per_mm
+    before = _read_layout(page)
+    assert before.paper_speed_mm_s == 50.0
+    image = page.image.copy()
+    for p in before.pulses:
+        x = round(0.5 * (p.x0 + p.x1))
+        image[round(p.y_top):round(p.y_base) + 1, x - 1:x + 1] = 0
+    prob = ink_probability(image, ppm)
+    after = detect_layout(prob, ppm, trace_thickness(prob, ppm))
+    assert after.paper_speed_mm_s == 50.0
+    assert np.median([p.width_mm for p in after.pulses]) == pytest.approx(10.0, rel=0.05)
