@@ -516,10 +516,14 @@ def _tips(r: _Runs, thickness: float) -> tuple[np.ndarray, np.ndarray, np.ndarra
             # both in one column: the R's and the S's tips on one stroke when the
             # neighbours lie at its opposite ends (R before, S after, or S then R);
             # else one narrow spike, whose larger excursion is the tip
-            before = _beside(r, x, -1, thickness) - r.centre[x]
-            after = _beside(r, x, 1, thickness) - r.centre[x]
+            beside = (_beside(r, x, -1, thickness), _beside(r, x, 1, thickness))
+            before, after = beside[0] - r.centre[x], beside[1] - r.centre[x]
             if not (min(abs(before), abs(after)) > thickness and before * after < 0):
-                ref = 0.5 * (r.centre[x - 1] + r.centre[x + 1])
+                # measured from the trace beside the merged strokes: the columns next
+                # to a thick pen's narrow spike lie inside the same blob
+                seen = [v for v in beside if np.isfinite(v)]
+                ref = (float(np.mean(seen)) if seen
+                       else 0.5 * (r.centre[x - 1] + r.centre[x + 1]))
                 u = ref - r.lo_edge[x] >= r.hi_edge[x] - ref
                 d = not u
             else:

@@ -218,3 +218,23 @@ def test_the_round_bottom_of_a_wide_s_trough_is_a_tip() -> None:
     up, down, _ = _tips(runs, thickness=3.5)
     assert down[3:5].any()
     assert not up.any()
+
+
+def test_a_thick_pens_narrow_trough_is_a_downward_tip() -> None:
+    """Column runs of a narrow Q-S trough drawn with a 4 px pen (synthetic scan 35): the
+    down and up strokes merge into one blob, whose top (the notch between the strokes)
+    ties across three columns. The middle one is the trough's tip, not an R's: judged
+    from the columns inside the blob it looked like one, and the down stroke was cut
+    straight across the trough."""
+    lo = np.array([259.8, 259.8, 260.3, 261.2, 262.9, 271.3, 271.2, 271.2, 260.3, 252.7,
+                   250.8, 250.3, 250.3, 250.7, 253.1, 259.5])
+    hi = np.array([266.0, 272.9, 291.1, 314.8, 323.9, 325.8, 326.3, 326.3, 325.9, 317.9,
+                   291.1, 273.7, 265.8, 266.0, 267.9, 268.9])
+    centre = np.array([262.9, 265.7, 274.1, 285.6, 293.0, 299.3, 300.0, 299.9, 294.1, 284.3,
+                       269.7, 261.2, 257.8, 258.3, 260.6, 264.2])
+    n = lo.size
+    runs = _Runs(lo=lo.astype(int), hi=hi.astype(int), lo_edge=lo, hi_edge=hi,
+                 centre=centre, conf=np.ones(n), ok=np.ones(n, bool))
+    up, down, _ = _tips(runs, thickness=4.0)
+    assert not up[4:9].any()
+    assert down[6]
