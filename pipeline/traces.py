@@ -93,6 +93,11 @@ PERIODIC_PERCENTILE = 30.0
 """Percentile of the same-phase samples (six 5 mm periods either way) read as the grid."""
 GRID_PERIOD_MM = 5.0
 """Major grid pitch: the line pattern repeats with it."""
+OPAQUE_GRID = 0.8
+"""Grid-line darkness from which the line hides what is printed under it."""
+OPAQUE_REACH_MM = 0.6
+"""Farthest a pixel off an opaque line is looked for across it (the line as read is a
+pixel wider each side than printed)."""
 LINE_PX_PER_MM = 2.0
 """Resolution at which long straight lines (creases, scanner streaks) are looked for."""
 LINE_MIN_MM = 40.0
@@ -196,6 +201,35 @@ def _grid_darkness(d: np.ndarray, px_per_mm: float) -> np.ndarray:
     return np.maximum(rows, cols)
 
 
+def _across_opaque_lines(d: np.ndarray, line: np.ndarray, axis: int, reach: int
+                         ) -> np.ndarray:
+    """``d`` with the pixels of opaque grid lines (``line``) replaced by the lighter of
+    the nearest pixels off the line on either side across it (``axis`` 0: above and
+    below a horizontal line).
+
+    Under a black line (a binarized or fax-like print) dividing the grid out cannot tell
+    trace from line; a trace crossing the line is inked on both sides of it, a line
+    alone on neither.
+    """
+    pos = np.nonzero(line)
+    if pos[0].size == 0:
+        return d
+    across = pos[axis]
+    size = d.shape[axis]
+    sides = []
+    for step in (1, -1):
+        got = np.full(across.shape, np.nan, np.float32)
+        for k in range(1, reach + 1):
+            at = list(pos)
+            at[axis] = np.clip(across + step * k, 0, size - 1)
+            off = np.isnan(got) & ~line[tuple(at)]
+            got[off] = d[tuple(at)][off]
+        sides.append(np.nan_to_num(got, nan=0.0))
+    out = d.copy()
+    out[pos] = np.minimum(d[pos], np.minimum(sides[0], sides[1]))
+    return out
+
+
 def ink_probability(image_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
     """Classic trace-probability map (H, W) float32 in [0, 1].
 
@@ -216,8 +250,13 @@ def ink_probability(image_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
                          interpolation=cv2.INTER_LINEAR)
     t = np.clip(t / np.maximum(paper_t, 0.05), 0.0, 1.0)
     d = 1.0 - t
-    grid_t = 1.0 - _grid_darkness(d, px_per_mm)
+    rows = _line_darkness(d, px_per_mm)
+    cols = _line_darkness(np.ascontiguousarray(d.T), px_per_mm).T
+    grid_t = 1.0 - np.maximum(rows, cols)
     d = np.clip(1.0 - t / np.maximum(grid_t, 0.05), 0.0, 1.0)
+    reach = max(2, round(OPAQUE_REACH_MM * px_per_mm))
+    d = _across_opaque_lines(d, rows >= OPAQUE_GRID, 0, reach)
+    d = _across_opaque_lines(d, cols >= OPAQUE_GRID, 1, reach)
     ink_level = float(np.percentile(d, 99.7))
     if ink_level <= 0.03:
         return np.zeros_like(d)

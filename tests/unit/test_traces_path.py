@@ -43,6 +43,26 @@ def _beat_signal(xs: np.ndarray, baseline: float, period: float = 160.0) -> np.n
     return baseline - r - t
 
 
+def test_a_black_grid_is_removed_but_the_trace_across_it_is_kept() -> None:
+    """A binarized (fax-like) print: major lines as black as the trace hide what lies
+    under them, so the trace is kept across a line only where it is inked on both sides."""
+    img = np.full((400, 900, 3), 255, np.uint8)
+    for k in range(0, 900, int(5 * PPM)):
+        cv2.line(img, (k, 0), (k, 399), (0, 0, 0), 2)
+        if k < 400:
+            cv2.line(img, (0, k), (899, k), (0, 0, 0), 2)
+    xs = np.arange(20, 880, 0.25)
+    _draw(img, xs, _beat_signal(xs, 210.0))
+    img = np.where(img < 128, 0, 255).astype(np.uint8)
+    prob = ink_probability(img, PPM)
+    trace = np.zeros(img.shape[:2], np.uint8)
+    _draw(trace, xs, _beat_signal(xs, 210.0), 1)
+    grid_only = (trace == 0) & (img[..., 0] < 128)
+    grid_only &= cv2.dilate(trace, np.ones((7, 7), np.uint8)) == 0
+    assert float(np.mean(prob[grid_only] > 0.5)) < 0.05
+    assert float(np.mean(prob[trace > 0] > 0.5)) > 0.9
+
+
 def test_viterbi_prefers_continuity_over_a_shortcut() -> None:
     cost = np.ones((30, 50), np.float32)
     cost[:, 10] = 0.0  # a line at y=10 all along
