@@ -261,7 +261,7 @@ def ink_probability(image_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
     if ink_level <= 0.03:
         return np.zeros_like(d)
     lo, hi = INK_LO * ink_level, INK_HI * ink_level
-    prob = np.clip((d - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    prob: np.ndarray = np.clip((d - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     if (_stroke_widths(prob, px_per_mm, 75.0) >= OPEN_MIN_PEN_PX
             or float(np.mean(prob > INK_LEVEL)) > GRID_LEFT_SHARE):
         # a pen this wide survives a 2x2 opening; one-pixel grid remnants do not

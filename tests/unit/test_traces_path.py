@@ -43,6 +43,19 @@ def _beat_signal(xs: np.ndarray, baseline: float, period: float = 160.0) -> np.n
     return baseline - r - t
 
 
+def _assert_grid_gone_trace_kept(img: np.ndarray, xs: np.ndarray, ys: np.ndarray,
+                                 grid_below: int, grid_share: float) -> None:
+    """Under ``grid_share`` of the grid pixels (darker than ``grid_below``, away from the
+    trace) read as ink, and over 90 % of the trace's centre line."""
+    prob = ink_probability(img, PPM)
+    trace = np.zeros(img.shape[:2], np.uint8)
+    _draw(trace, xs, ys, 1)
+    grid_only = (trace == 0) & (img[..., 0] < grid_below)
+    grid_only &= cv2.dilate(trace, np.ones((7, 7), np.uint8)) == 0
+    assert float(np.mean(prob[grid_only] > 0.5)) < grid_share
+    assert float(np.mean(prob[trace > 0] > 0.5)) > 0.9
+
+
 def test_a_black_grid_is_removed_but_the_trace_across_it_is_kept() -> None:
     """A binarized (fax-like) print: major lines as black as the trace hide what lies
     under them, so the trace is kept across a line only where it is inked on both sides."""
@@ -54,13 +67,7 @@ def test_a_black_grid_is_removed_but_the_trace_across_it_is_kept() -> None:
     xs = np.arange(20, 880, 0.25)
     _draw(img, xs, _beat_signal(xs, 210.0))
     img = np.where(img < 128, 0, 255).astype(np.uint8)
-    prob = ink_probability(img, PPM)
-    trace = np.zeros(img.shape[:2], np.uint8)
-    _draw(trace, xs, _beat_signal(xs, 210.0), 1)
-    grid_only = (trace == 0) & (img[..., 0] < 128)
-    grid_only &= cv2.dilate(trace, np.ones((7, 7), np.uint8)) == 0
-    assert float(np.mean(prob[grid_only] > 0.5)) < 0.05
-    assert float(np.mean(prob[trace > 0] > 0.5)) > 0.9
+    _assert_grid_gone_trace_kept(img, xs, _beat_signal(xs, 210.0), 128, 0.05)
 
 
 def test_viterbi_prefers_continuity_over_a_shortcut() -> None:
@@ -75,13 +82,7 @@ def test_grey_grid_is_removed_but_the_trace_over_it_is_kept() -> None:
     img = _page(grid=(160, 160, 160))
     xs = np.arange(20, 880, 0.25)
     _draw(img, xs, _beat_signal(xs, 200.0))
-    prob = ink_probability(img, PPM)
-    trace = np.zeros(img.shape[:2], np.uint8)
-    _draw(trace, xs, _beat_signal(xs, 200.0), 1)
-    grid_only = (trace == 0) & (img[..., 0] < 200)
-    grid_only &= cv2.dilate(trace, np.ones((7, 7), np.uint8)) == 0
-    assert float(np.mean(prob[grid_only] > 0.5)) < 0.02
-    assert float(np.mean(prob[trace > 0] > 0.5)) > 0.9
+    _assert_grid_gone_trace_kept(img, xs, _beat_signal(xs, 200.0), 200, 0.02)
 
 
 def test_centre_line_and_qrs_tips_are_recovered() -> None:
