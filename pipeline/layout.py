@@ -396,13 +396,11 @@ def find_pulse(prob: np.ndarray, row: int, baseline: float, xs: tuple[int, int],
         y = int(ends[np.argmax(above[ends, j])])
         bottom[j] = y
         up[j] = above[y, j] - 1
-    best: Pulse | None = None
     strokes = _strokes(up, bottom, MIN_PULSE_MM * ppm)
-    # every pair, not only neighbours: a grid line that survived ink separation stands
-    # between the two strokes of a pulse on a binarized page
+    # every pair, not only neighbours (a grid line that survived ink separation stands
+    # between the two strokes of a pulse on a binarized page); strokes are in x order,
+    # so the first pair that is a pulse is the leftmost, with its nearest falling stroke
     for (xa, ha, ba), (xb, hb, bb) in itertools.combinations(strokes, 2):
-        if best is not None and xa >= best.x0 - x0:
-            break
         width_mm = (xb - xa) / ppm
         if not 3.0 <= width_mm <= 12.5 or not 0.8 <= ha / max(hb, 1e-6) <= 1.25:
             continue
@@ -412,8 +410,8 @@ def find_pulse(prob: np.ndarray, row: int, baseline: float, xs: tuple[int, int],
             continue
         foot = top + 0.5 * (ba + bb) - 0.5 * thickness  # centre of the strokes' ends
         y_base = _pulse_base(prob, foot, x0 + xa, x0 + xb, ppm, thickness)
-        best = Pulse(row, x0 + xa, x0 + xb, top + y_top, y_base, ppm)
-    return best
+        return Pulse(row, x0 + xa, x0 + xb, top + y_top, y_base, ppm)
+    return None
 
 
 def _pulse_top(window: np.ndarray, xa: float, xb: float, h: float, foot: float, ppm: float,

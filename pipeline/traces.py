@@ -193,12 +193,12 @@ def _line_darkness(d: np.ndarray, px_per_mm: float) -> np.ndarray:
     return prof[:, cols]
 
 
-def _grid_darkness(d: np.ndarray, px_per_mm: float) -> np.ndarray:
-    """Per-pixel darkness of the axis-aligned grid: the darker of its horizontal and
-    vertical line families, each read by :func:`_line_darkness`."""
+def _grid_darkness(d: np.ndarray, px_per_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel darkness (H, W) of the axis-aligned grid's horizontal and vertical line
+    families, each read by :func:`_line_darkness`."""
     rows = _line_darkness(d, px_per_mm)
     cols = _line_darkness(np.ascontiguousarray(d.T), px_per_mm).T
-    return np.maximum(rows, cols)
+    return rows, cols
 
 
 def _across_opaque_lines(d: np.ndarray, line: np.ndarray, axis: int, reach: int
@@ -250,8 +250,7 @@ def ink_probability(image_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
                          interpolation=cv2.INTER_LINEAR)
     t = np.clip(t / np.maximum(paper_t, 0.05), 0.0, 1.0)
     d = 1.0 - t
-    rows = _line_darkness(d, px_per_mm)
-    cols = _line_darkness(np.ascontiguousarray(d.T), px_per_mm).T
+    rows, cols = _grid_darkness(d, px_per_mm)
     grid_t = 1.0 - np.maximum(rows, cols)
     d = np.clip(1.0 - t / np.maximum(grid_t, 0.05), 0.0, 1.0)
     reach = max(2, round(OPAQUE_REACH_MM * px_per_mm))
