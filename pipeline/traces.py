@@ -91,6 +91,11 @@ GRID_WINDOW_MM = 3.0
 """Length of the stretches of a grid line whose darkness is read at once."""
 PERIODIC_PERCENTILE = 30.0
 """Percentile of the same-phase samples (six 5 mm periods either way) read as the grid."""
+PERIODIC_MIN_SAMPLES = 4
+"""Same-phase samples on the grid (the pixel's own included) needed to show a grid line:
+two strokes 5 mm apart (a 0.2 s calibration pulse at 25 mm/s) do not make one."""
+GRID_EDGE_DARKNESS = 0.06
+"""Darkness below which the same-phase samples from there outward are off the grid."""
 GRID_PERIOD_MM = 5.0
 """Major grid pitch: the line pattern repeats with it."""
 OPAQUE_GRID = 0.8
@@ -148,25 +153,32 @@ def _periodic_floor(profile: np.ndarray, period: float, reach: int = 6) -> np.nd
 
     Grid lines repeat every 5 mm, so every sample at a line's phase shows the line; a
     flat trace, a pulse stroke or a QRS falls on a few of them only and drops out. A local
-    window (13 periods) tolerates a slight error in the pitch.
+    window (13 periods) tolerates a slight error in the pitch. Samples beyond the grid's
+    edge (blank from there outward) are not counted: the lines nearest the edge have
+    margin, not lines, on their outer side.
     """
     n = profile.shape[0]
     idx = np.arange(n, dtype=np.float64)
-    samples = []
-    for k in range(-reach, reach + 1):
-        pos = idx + k * period
-        ok = (pos >= 0) & (pos <= n - 1)
-        lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
-        hi = np.clip(lo + 1, 0, n - 1)
-        f = (pos - lo)[:, None]
-        v = (1.0 - f) * profile[lo] + f * profile[hi]
-        v[~ok] = np.nan
-        samples.append(v)
-    stack = np.sort(np.stack(samples), axis=0)  # NaN (off the page) sort last
+    sides = []
+    for ks in (range(1, reach + 1), range(-1, -reach - 1, -1)):
+        samples = []
+        for k in ks:
+            pos = idx + k * period
+            ok = (pos >= 0) & (pos <= n - 1)
+            lo = np.clip(np.floor(pos).astype(np.int64), 0, n - 1)
+            hi = np.clip(lo + 1, 0, n - 1)
+            f = (pos - lo)[:, None]
+            v = (1.0 - f) * profile[lo] + f * profile[hi]
+            v[~ok] = 0.0
+            samples.append(v)
+        side = np.stack(samples)  # nearest first
+        beyond = np.maximum.accumulate(side[::-1], axis=0)[::-1] < GRID_EDGE_DARKNESS
+        sides.append(np.where(beyond, np.nan, side))
+    stack = np.sort(np.concatenate([profile[None], *sides]), axis=0)  # NaN sort last
     count = np.isfinite(stack).sum(axis=0)
-    k = np.floor(PERIODIC_PERCENTILE / 100.0 * (np.maximum(count, 1) - 1)).astype(np.int64)
+    k = np.floor(PERIODIC_PERCENTILE / 100.0 * (count - 1)).astype(np.int64)
     low = np.take_along_axis(stack, k[None], axis=0)[0]
-    return np.where(count > 0, low, profile)
+    return np.where(count >= PERIODIC_MIN_SAMPLES, low, 0.0)
 
 
 def _window_percentile(d: np.ndarray, win: int, q: float) -> np.ndarray:

@@ -70,6 +70,21 @@ def test_a_black_grid_is_removed_but_the_trace_across_it_is_kept() -> None:
     _assert_grid_gone_trace_kept(img, xs, _beat_signal(xs, 210.0), 128, 0.05)
 
 
+def test_the_lines_at_a_black_grids_edge_are_removed_too() -> None:
+    """The outermost lines of a grid have blank margin, not lines, on their outer side;
+    they are grid all the same (read as ink, they lengthen the rows beside them)."""
+    margin, step = 240, int(5 * PPM)
+    img = np.full((880, 1300, 3), 255, np.uint8)
+    for k in range(margin, 1300 - margin + 1, step):
+        cv2.line(img, (k, margin), (k, 880 - margin), (0, 0, 0), 2)
+    for k in range(margin, 880 - margin + 1, step):
+        cv2.line(img, (margin, k), (1300 - margin, k), (0, 0, 0), 2)
+    xs = np.arange(margin + 20, 1300 - margin - 20, 0.25)
+    _draw(img, xs, _beat_signal(xs, 450.0))
+    img = np.where(img < 128, 0, 255).astype(np.uint8)
+    _assert_grid_gone_trace_kept(img, xs, _beat_signal(xs, 450.0), 128, 0.05)
+
+
 def test_viterbi_prefers_continuity_over_a_shortcut() -> None:
     cost = np.ones((30, 50), np.float32)
     cost[:, 10] = 0.0  # a line at y=10 all along
