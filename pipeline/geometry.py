@@ -33,8 +33,9 @@ WEDGE_DEG = 12.0
 MIN_TILE_FRACTION = 0.04
 """At least this fraction of tiles must show both line families, else there is no grid."""
 MAJOR_LINE_MM = 5.0
-ORIENT_PX_PER_MM = 3.0
-"""Scale of the small rendering the quarter turns are decided on."""
+ORIENT_PX_PER_MM = 4.0
+"""Scale of the small rendering the quarter turns are decided on: a 0.3 mm pen stays more
+than a pixel wide, so a pulse's leg reads as ink wherever it falls between pixels."""
 ORIENT_INK_DARKNESS = 0.6
 """Ink for the orientation cues: darker than this share of the paper around it."""
 ORIENT_MARGIN_MM = 2.0

@@ -62,6 +62,11 @@ UNWRAP_STEP = 12
 """Detection-frame px between the samples the phase is unwrapped on."""
 MAP_STEP = 8
 """Output px between exactly computed samples of the remap tables."""
+LOCAL_WARP_MM = (0.15, 0.25)
+"""RMS (mm) of the grid's local departure from its smooth trend below which it is read
+as measurement noise (traces and text beside the lines; on flat scans up to ~0.15 mm,
+a pixel of false time warp) and dropped, and above which it is a real wrinkle or curl
+and kept in full; in between it is kept in proportion."""
 
 
 @dataclass(frozen=True)
@@ -426,11 +431,13 @@ class PhaseField:
     residual_mm: float  # RMS misfit of the measured phase to the smooth field
 
 
-def _follow(ph: np.ndarray, amp: np.ndarray, inside: np.ndarray
+def _follow(ph: np.ndarray, amp: np.ndarray, inside: np.ndarray, period_mm: float
             ) -> tuple[np.ndarray, np.ndarray, float]:
     """Smooth unwrapped phase through the samples where the lines show.
 
-    Returns the field (periods), the samples used, and the RMS misfit (periods).
+    The field is a polynomial trend plus, on a sheet whose grid departs from the trend by
+    more than :data:`LOCAL_WARP_MM` (RMS over the page), those local departures. Returns
+    the field (periods), the samples used, and the RMS misfit (periods).
     """
     valid = inside & (amp > max(MIN_PHASE_AMPLITUDE,
                                 0.35 * float(np.percentile(amp[inside], 75))))
@@ -447,7 +454,13 @@ def _follow(ph: np.ndarray, amp: np.ndarray, inside: np.ndarray
     good = valid & (np.abs(snapped - smooth) < 0.15)
     wt = np.where(good, amp, 0.0)
     trend = poly_trend(snapped, wt, degree)
-    smooth = trend + smooth_fill(snapped - trend, wt, sigma=1.5)
+    local = smooth_fill(snapped - trend, wt, sigma=1.5)
+    # the local departure's RMS over the page, in mm, says whether it is paper or noise
+    if good.any():
+        local_mm = period_mm * float(np.sqrt(np.average(local[good] ** 2, weights=wt[good])))
+        lo, hi = LOCAL_WARP_MM
+        local *= float(np.clip((local_mm - lo) / (hi - lo), 0.0, 1.0))
+    smooth = trend + local
     res = (ph + np.round(smooth - ph)) - smooth
     misfit = float(np.sqrt(np.mean(res[good] ** 2))) if good.any() else 1.0
     return smooth, valid, misfit
@@ -495,12 +508,12 @@ def phase_field(channel: np.ndarray, period_px: tuple[float, float], inside: np.
     out, masks, misfit_mm = [], [], []
     for axis, per in ((1, period_px[0]), (0, period_px[1])):
         ph1, a1 = demodulate(channel, per, axis, step, window_px=per * MAJOR_MM / period_mm)
-        field_, valid, misfit = _follow(ph1, a1, ins)
+        field_, valid, misfit = _follow(ph1, a1, ins, period_mm)
         misfit *= period_mm
         if minor_lines:
             ph5, a5 = demodulate(channel, per / 5, axis, step, window_px=per)
             try:
-                fine, valid5, misfit5 = _follow(ph5, a5, ins)
+                fine, valid5, misfit5 = _follow(ph5, a5, ins, MINOR_MM)
             except NoGridError:
                 fine = None
             if fine is not None and misfit5 * MINOR_MM < misfit:

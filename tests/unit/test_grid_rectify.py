@@ -119,3 +119,37 @@ def test_grid_cropped_picture_keeps_its_edge_rows() -> None:
     rect = rectify(crop, orient=False, debug=False)
     assert rect.image.shape[0] / rect.px_per_mm > crop.shape[0] / ppm - 6.0
     assert rect.image.shape[1] / rect.px_per_mm > crop.shape[1] / ppm - 6.0
+
+
+def _phase_lattice(field: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Wrapped phase, amplitude and inside mask of a grid whose true phase is ``field``."""
+    wrapped = (field + 0.5) % 1.0 - 0.5
+    return wrapped.astype(np.float32), np.ones_like(wrapped, np.float32), np.ones(field.shape, bool)
+
+
+def test_a_flat_grids_measurement_noise_is_not_taken_for_a_warp() -> None:
+    """Traces and text beside the lines shift the measured phase by a tenth of a mm in
+    patches; on a flat scan that is noise, and following it would warp the time axis."""
+    from scipy.ndimage import gaussian_filter
+
+    from pipeline.grid import _follow
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:80, 0:110].astype(np.float64)
+    trend = 0.004 * xx - 0.002 * yy + 0.1
+    patches = gaussian_filter(rng.normal(size=trend.shape), 2.0)
+    patches *= 0.02 / patches.std()  # 0.1 mm RMS at a 5 mm period
+    field, _, _ = _follow(*_phase_lattice(trend + patches), MAJOR_MM)
+    assert float(np.sqrt(np.mean((field - trend) ** 2))) < 0.01
+
+
+def test_a_curled_sheet_is_followed() -> None:
+    """Half a millimetre of waviness across the sheet is paper, not noise: the field
+    keeps it."""
+    from pipeline.grid import _follow
+
+    yy, xx = np.mgrid[0:80, 0:110].astype(np.float64)
+    trend = 0.004 * xx - 0.002 * yy + 0.1
+    wave = 0.1 * np.sin(2 * np.pi * xx / 30.0) * np.cos(2 * np.pi * yy / 40.0)
+    field, _, _ = _follow(*_phase_lattice(trend + wave), MAJOR_MM)
+    assert float(np.sqrt(np.mean((field - trend - wave) ** 2))) < 0.015
