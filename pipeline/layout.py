@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
+import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 from scipy.signal import find_peaks
@@ -42,6 +43,8 @@ ROW_SMEAR_MM = 3.0
 """Vertical smear that turns a wiggling trace into a band for row finding."""
 MIN_ROW_GAP_MM = 10.5
 """Rows are further apart than this (12 strips on a page: ~14 mm); grid lines are 5 mm."""
+SPECK_MM = 0.6
+"""Blobs of ink smaller than this each way are specks or grid dots, not trace."""
 ROW_REACH_MM = 6.0
 LATTICE_TOL = 0.12
 """A candidate row within this share of the pitch of a lattice point sits on it."""
@@ -223,6 +226,17 @@ def _has_complexes(ink: np.ndarray, y: int, x0: int, x1: int, ppm: float) -> boo
     last = band.shape[0] - 1 - np.argmax(band[::-1], axis=0)
     tall = any_ink & (last - first >= MIN_COMPLEX_MM * ppm)
     return len(runs(tall)) >= MIN_COMPLEXES
+
+
+def _without_specks(ink: np.ndarray, ppm: float) -> np.ndarray:
+    """``ink`` without blobs smaller than :data:`SPECK_MM` each way: the dots of a black
+    dotted grid, left as ink, would carry a row's extent on past the trace's end."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
+    small = ((stats[:, cv2.CC_STAT_WIDTH] < SPECK_MM * ppm)
+             & (stats[:, cv2.CC_STAT_HEIGHT] < SPECK_MM * ppm))
+    small[0] = False
+    out: np.ndarray = ink & ~small[labels]
+    return out
 
 
 def _baseline(prob: np.ndarray, y: float, half: float, x0: int, x1: int, ppm: float) -> float:
@@ -577,7 +591,8 @@ def detect_layout(prob: np.ndarray, px_per_mm: float, thickness: float) -> PageL
     extents = []
     for b in baselines:
         reach = min(0.45 * pitch, ROW_REACH_MM * ppm * max(1.0, gain / DEFAULT_GAIN_MM_MV))
-        near = (prob[max(0, int(b - reach)):int(b + reach) + 1] > INK_LEVEL)
+        near = _without_specks(prob[max(0, int(b - reach)):int(b + reach) + 1] > INK_LEVEL,
+                               ppm)
         extents.append(_longest_run(near.any(axis=0), close))
     starts = np.array([e[0] for e in extents], dtype=np.float64)
     ends = np.array([e[1] for e in extents], dtype=np.float64)

@@ -149,3 +149,20 @@ def test_a_line_under_the_pulse_top_does_not_halve_the_pulse() -> None:
     after = detect_layout(prob, ppm, trace_thickness(prob, ppm))
     assert after.paper_speed_mm_s == 50.0
     assert np.median([p.width_mm for p in after.pulses]) == pytest.approx(10.0, rel=0.05)
+
+
+def test_grid_dots_past_the_trace_do_not_lengthen_the_rows() -> None:
+    """A black dotted grid's dots stay in the ink map; a row of them running on past the
+    trace's end is not more trace, so the time axis still ends where the trace does."""
+    page = generate_page(5, "clean", spec=PageSpec(layout=Layout.STANDARD, dpi=200.0))
+    before = _read_layout(page)
+    ppm = page.px_per_mm
+    image = page.image.copy()
+    x_end = round(before.x_end)
+    for row in before.rows:
+        y = round(row.baseline)
+        for x in np.arange(x_end + 0.8 * ppm, x_end + 8 * ppm, ppm).round().astype(int):
+            image[y - 1:y + 2, x - 1:x + 2] = 20  # dots 0.4 mm wide, 1 mm apart
+    prob = ink_probability(image, ppm)
+    after = detect_layout(prob, ppm, trace_thickness(prob, ppm))
+    assert abs(after.x_end - before.x_end) < 1.0
