@@ -43,6 +43,9 @@ ROW_SMEAR_MM = 3.0
 """Vertical smear that turns a wiggling trace into a band for row finding."""
 MIN_ROW_GAP_MM = 10.5
 """Rows are further apart than this (12 strips on a page: ~14 mm); grid lines are 5 mm."""
+WEAK_ROW_SHARE = 0.55
+"""A row candidate covering less of the page than this share of the stronger rows' median
+is a grid remnant, a line of text or a fold between the rows, not a row."""
 SPECK_MM = 0.6
 """Blobs of ink smaller than this each way are specks or grid dots, not trace."""
 ROW_REACH_MM = 6.0
@@ -255,6 +258,15 @@ def _baseline(prob: np.ndarray, y: float, half: float, x0: int, x1: int, ppm: fl
     return top + float((w * np.arange(lo, hi)).sum() / w.sum())
 
 
+def _evenly_spaced(cands: list[_RowCandidate]) -> bool:
+    """Whether the candidates are a layout's row count, evenly spaced (a rhythm strip may
+    be printed a little closer)."""
+    if len(cands) not in ROW_COUNTS:
+        return False
+    gaps = np.diff([c.y for c in cands])
+    return bool(gaps.max() < 1.6 * gaps.min())
+
+
 def _pick_rows(cands: list[_RowCandidate], cov: np.ndarray, ppm: float
                ) -> list[_RowCandidate]:
     """The rows of a layout among the candidates.
@@ -269,10 +281,12 @@ def _pick_rows(cands: list[_RowCandidate], cov: np.ndarray, ppm: float
     if len(cands) < 2:
         raise DigitizationError(
             f"found {len(cands)} trace rows; expected 3, 4, 6 or 12 (no readable ECG layout)")
-    if len(cands) in ROW_COUNTS:
-        gaps = np.diff([c.y for c in cands])
-        if gaps.max() < 1.6 * gaps.min():  # e.g. a rhythm strip printed a little closer
-            return cands
+    top = float(np.median(sorted(c.strength for c in cands)[len(cands) // 2:]))
+    strong = [c for c in cands if c.strength >= WEAK_ROW_SHARE * top]
+    if len(strong) < len(cands) and _evenly_spaced(strong):
+        cands = strong  # faint ones between evenly spaced rows: grid remnants, not rows
+    if _evenly_spaced(cands):
+        return cands
     strong = float(np.median([c.strength for c in cands]))
     best: tuple[float, list[_RowCandidate]] | None = None
     for first in range(len(cands)):

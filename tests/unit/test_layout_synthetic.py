@@ -166,3 +166,16 @@ def test_grid_dots_past_the_trace_do_not_lengthen_the_rows() -> None:
     prob = ink_probability(image, ppm)
     after = detect_layout(prob, ppm, trace_thickness(prob, ppm))
     assert abs(after.x_end - before.x_end) < 1.0
+
+
+def test_faint_remnants_between_evenly_spaced_rows_are_not_rows() -> None:
+    """Six strong, evenly spaced rows with a faint candidate (grid lines left as ink on a
+    photo) between each pair: twelve candidates, but a six-row page, not 12x1."""
+    from pipeline.layout import _pick_rows, _RowCandidate
+
+    ppm = 8.0
+    strong = [_RowCandidate(250.0 + 280.0 * k, 12, 1600, 0.93) for k in range(6)]
+    faint = [_RowCandidate(130.0 + 280.0 * k, 12, 1600, 0.42) for k in range(6)]
+    cands = sorted(strong + faint, key=lambda c: c.y)
+    picked = _pick_rows(cands, np.ones(1800), ppm)
+    assert [c.y for c in picked] == [c.y for c in strong]
