@@ -282,9 +282,9 @@ def _pick_rows(cands: list[_RowCandidate], cov: np.ndarray, ppm: float
         raise DigitizationError(
             f"found {len(cands)} trace rows; expected 3, 4, 6 or 12 (no readable ECG layout)")
     top = float(np.median(sorted(c.strength for c in cands)[len(cands) // 2:]))
-    strong = [c for c in cands if c.strength >= WEAK_ROW_SHARE * top]
-    if len(strong) < len(cands) and _evenly_spaced(strong):
-        cands = strong  # faint ones between evenly spaced rows: grid remnants, not rows
+    clear = [c for c in cands if c.strength >= WEAK_ROW_SHARE * top]
+    if len(clear) < len(cands) and _evenly_spaced(clear):
+        cands = clear  # faint ones between evenly spaced rows: grid remnants, not rows
     if _evenly_spaced(cands):
         return cands
     strong = float(np.median([c.strength for c in cands]))
