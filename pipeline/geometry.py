@@ -22,6 +22,7 @@ import scipy.fft
 from scipy import ndimage
 
 from pipeline.errors import NoGridError
+from pipeline.masks import small_blobs
 
 WORK_LONG_SIDE = 1600
 """Long side (px) of the copy that detection runs on; larger pictures are shrunk to it."""
@@ -339,11 +340,7 @@ def _page_ink(page_rgb: np.ndarray, px_per_mm: float) -> np.ndarray:
     ink[:, -m:] = 0.0
     shift = round(MAJOR_LINE_MM * px_per_mm)
     # Dots of a dotted grid (and specks) are small isolated blobs.
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
-    small = (stats[:, cv2.CC_STAT_WIDTH] <= 1.2 * px_per_mm) & (
-        stats[:, cv2.CC_STAT_HEIGHT] <= 1.2 * px_per_mm)
-    small[0] = False
-    ink[small[labels]] = 0.0
+    ink[small_blobs(ink > 0, 1.2 * px_per_mm)] = 0.0
     for axis in (1, 0):
         cover = ink.mean(axis=axis) > 0.25
         drop = cover & np.roll(cover, shift) & np.roll(cover, -shift)

@@ -23,14 +23,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-import cv2
 import numpy as np
 from scipy.ndimage import gaussian_filter1d, maximum_filter1d
 from scipy.signal import find_peaks
 
 from pipeline.errors import DigitizationError
 from pipeline.leads import GAINS_MM_MV, LAYOUTS, PAPER_SPEEDS_MM_S, Layout, segment_span
-from pipeline.masks import runs
+from pipeline.masks import runs, small_blobs
 from pipeline.traces import INK_LEVEL, RUN_LEVEL, RowSpec, RowTrace
 
 TRACE_WIDTH_MM = 250.0
@@ -234,11 +233,7 @@ def _has_complexes(ink: np.ndarray, y: int, x0: int, x1: int, ppm: float) -> boo
 def _without_specks(ink: np.ndarray, ppm: float) -> np.ndarray:
     """``ink`` without blobs smaller than :data:`SPECK_MM` each way: the dots of a black
     dotted grid, left as ink, would carry a row's extent on past the trace's end."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(ink.astype(np.uint8), connectivity=8)
-    small = ((stats[:, cv2.CC_STAT_WIDTH] < SPECK_MM * ppm)
-             & (stats[:, cv2.CC_STAT_HEIGHT] < SPECK_MM * ppm))
-    small[0] = False
-    out: np.ndarray = ink & ~small[labels]
+    out: np.ndarray = ink & ~small_blobs(ink, np.ceil(SPECK_MM * ppm) - 1)  # whole px < SPECK_MM
     return out
 
 
